@@ -1,0 +1,190 @@
+"""Configuration of ELECTRA with Mixture-of-Experts feed-forward layers.
+
+`num_experts=1` is plain ELECTRA (same parameters, same names as transformers' ELECTRA), so the dense
+baseline and every MoE variant share one code path and one checkpoint format.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import ElectraConfig
+
+ROUTER_TYPES = ("softmax_topk", "noisy_topk")
+MOE_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
+
+# Switch Transformer (Fedus et al. 2021) load-balancing and ST-MoE (Zoph et al. 2022) router z-loss weights.
+SWITCH_AUX_LOSS_COEF = 0.01
+ST_MOE_Z_LOSS_COEF = 0.001
+
+# Model sizes from the ELECTRA paper (Clark et al. 2020, Table 6); `tiny` is for tests and CPU runs.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, embedding_size=128
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        embedding_size=128,
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        embedding_size=768,
+    ),
+}
+# Generator width as a fraction of the discriminator's (ELECTRA paper, Section 3.2 and Table 6).
+GENERATOR_SIZE_BY_PRESET = {"tiny": 1 / 4, "small": 1 / 4, "base": 1 / 3}
+# ELECTRA-Small uses 128-token sequences, Base 512.
+MAX_POSITION_EMBEDDINGS = 512
+
+
+@strict
+class ElectraMoEConfig(ElectraConfig):
+    r"""ELECTRA configuration plus the Mixture-of-Experts fields.
+
+    Args:
+        num_experts: experts per MoE layer; 1 keeps ELECTRA's dense feed-forward block.
+        top_k: experts each token is routed to (clipped to 1 when `num_experts=1`).
+        moe_layers: encoder layer indices that get an MoE block; `None` means every
+            `moe_layer_frequency`-th layer (default: all layers).
+        moe_layer_frequency: with `moe_layers=None`, layers `i` with `i % frequency == frequency - 1` are MoE.
+        expert_intermediate_size: hidden width of each expert; defaults to `intermediate_size`.
+        capacity_factor: `None` routes every token (dropless); a float limits each expert to
+            `ceil(capacity_factor * tokens * top_k / num_experts)` slots and tokens over capacity keep
+            only the residual path (Switch Transformer behaviour).
+        router_type: `"softmax_topk"` (softmax over all experts, then top-k) or `"noisy_topk"`
+            (Shazeer et al. 2017 noisy top-k gating, as in the original study; noise while training only).
+        norm_topk_prob: renormalise the top-k gate weights to sum to one.
+        router_jitter_noise: multiplicative input jitter for the router while training (Switch Transformer).
+        router_aux_loss_coef: weight of the Switch load-balancing loss.
+        router_z_loss_coef: weight of the ST-MoE router z-loss.
+        output_router_logits: also return each MoE layer's router logits.
+        moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` on CUDA and the sorted-slice
+            `loop` elsewhere.
+        model_size: name of the preset the config came from (informational, used by result tables).
+    """
+
+    model_type = "electra_moe"
+
+    num_experts: int = 1
+    top_k: int = 2
+    moe_layers: list[int] | None = None
+    moe_layer_frequency: int = 1
+    expert_intermediate_size: int | None = None
+    capacity_factor: float | int | None = None
+    router_type: str = "softmax_topk"
+    norm_topk_prob: bool = False
+    router_jitter_noise: float | int = 0.0
+    router_aux_loss_coef: float | int = SWITCH_AUX_LOSS_COEF
+    router_z_loss_coef: float | int = ST_MOE_Z_LOSS_COEF
+    output_router_logits: bool = False
+    moe_implementation: str = "auto"
+    model_size: str | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.num_experts == 1:
+            self.top_k = 1
+        if self.moe_layers is not None:
+            self.moe_layers = list(self.moe_layers)
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.intermediate_size
+        self._validate_moe()
+        super().__post_init__(**kwargs)
+
+    def _validate_moe(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k!r}"
+            )
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}"
+            )
+        if not isinstance(self.moe_layer_frequency, int) or self.moe_layer_frequency < 1:
+            raise ValueError(f"moe_layer_frequency must be an integer >= 1, got {self.moe_layer_frequency!r}")
+        if self.expert_intermediate_size < 1:
+            raise ValueError(f"expert_intermediate_size must be >= 1, got {self.expert_intermediate_size!r}")
+        if self.router_jitter_noise < 0:
+            raise ValueError(f"router_jitter_noise must be >= 0, got {self.router_jitter_noise!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(
+                    f"moe_layers indices must lie in [0, {self.num_hidden_layers - 1}] "
+                    f"(num_hidden_layers={self.num_hidden_layers}), got {bad}"
+                )
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Encoder layers whose feed-forward block is an MoE block (empty for the dense model)."""
+        if self.num_experts == 1:
+            return []
+        if self.moe_layers is not None:
+            return sorted(set(self.moe_layers))
+        freq = self.moe_layer_frequency
+        return [i for i in range(self.num_hidden_layers) if i % freq == freq - 1]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ElectraMoEConfig:
+        """Build a config from an ELECTRA paper size (`tiny`, `small`, `base`) plus overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"model size must be one of {sorted(PRESETS)}, got {name!r}")
+        kwargs: dict[str, Any] = dict(
+            PRESETS[name], model_size=name, max_position_embeddings=MAX_POSITION_EMBEDDINGS
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def make_generator_config(
+    disc_config: ElectraMoEConfig, generator_size: float | None = None, generator_moe: bool = False
+) -> ElectraMoEConfig:
+    """Derive the ELECTRA generator config: same depth, embeddings and vocabulary, narrower layers.
+
+    Hidden size, attention heads and intermediate size are scaled by `generator_size` (default 1/4 for
+    small, 1/3 for base, as in the paper). The generator is dense unless `generator_moe` is set.
+    """
+    if generator_size is None:
+        generator_size = GENERATOR_SIZE_BY_PRESET.get(disc_config.model_size, 1 / 4)
+    if not 0 < generator_size <= 1:
+        raise ValueError(f"generator_size must be in (0, 1], got {generator_size!r}")
+    kwargs = copy.deepcopy(disc_config.to_dict())
+    for key in (
+        "model_type",
+        "transformers_version",
+        "architectures",
+        "problem_type",
+        "id2label",
+        "label2id",
+    ):
+        kwargs.pop(key, None)
+    heads = max(1, round(disc_config.num_attention_heads * generator_size))
+    hidden = max(heads, round(disc_config.hidden_size * generator_size))
+    hidden -= hidden % heads
+    kwargs.update(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=max(1, round(disc_config.intermediate_size * generator_size)),
+        expert_intermediate_size=max(1, round(disc_config.expert_intermediate_size * generator_size)),
+    )
+    if not generator_moe:
+        kwargs.update(num_experts=1, top_k=1, moe_layers=None)
+    return ElectraMoEConfig(**kwargs)

@@ -1,0 +1,70 @@
+"""Shared test fixtures: a tiny offline tokenizer and tiny model configs.
+
+Every test runs offline (the Hugging Face Hub is unreachable here); the environment variables
+are set before transformers/datasets are imported so no test waits on network retries.
+"""
+
+import os
+import string
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FIXTURE_WORDS = (
+    "the a an of and to in is was for on that with as by it at from his her he she they "
+    "this be are were or which not have has had their its but one two three first new after "
+    "film game album song team season war city river king church music world year time "
+    "good bad great movie story play love funny boring dull plot actor actors performance "
+    "cat dog sat mat ran fast slow big small red blue john mary book read wrote saw"
+).split()
+
+
+def write_vocab_dir(directory: Path) -> Path:
+    """Write a small uncased WordPiece vocabulary that `AutoTokenizer.from_pretrained` loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = (
+        SPECIAL_TOKENS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + FIXTURE_WORDS
+    )
+    seen: list[str] = []
+    for token in tokens:
+        if token not in seen:
+            seen.append(token)
+    (directory / "vocab.txt").write_text("\n".join(seen) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "ElectraTokenizer", "do_lower_case": true, "model_max_length": 512}\n'
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory) -> Path:
+    """Directory with a tiny vocabulary (about 200 tokens), loadable offline."""
+    return write_vocab_dir(tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(vocab_dir))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data folder beside the repository; tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,94 @@
+"""Repository hygiene: the conda environment matches the pinned pip install, the code is ruff-clean,
+and every top-level script follows the `parse_args(argv)` / `main(argv=None)` convention."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+# The entry-point scripts a researcher runs; library modules (modeling_*, helpers) are not listed.
+SCRIPTS_WITH_MAIN = [REPO_ROOT / name for name in ("run_demo.py",)]
+
+
+def read_requirements(path: Path) -> tuple[dict[str, str], list[str]]:
+    pins, includes = {}, []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("-r "):
+            includes.append(line[3:].strip())
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==([^\s;]+)", line)
+        assert match, f"{path.name}: '{line}' is not pinned with =="
+        pins[match.group(1).lower()] = match.group(2)
+    return pins, includes
+
+
+def test_requirements_are_pinned_and_torch_is_the_local_cpu_build():
+    pins, _ = read_requirements(REPO_ROOT / "requirements.txt")
+    assert pins["torch"] == "2.13.0"
+    assert pins["transformers"].startswith("5.")
+    for needed in ("tokenizers", "datasets", "accelerate", "safetensors", "scikit-learn", "scipy", "pandas",
+                   "matplotlib", "nbclient", "tensorboard", "tqdm"):  # fmt: skip
+        assert needed in pins, f"requirements.txt lacks {needed}"
+    dev_pins, dev_includes = read_requirements(REPO_ROOT / "requirements-dev.txt")
+    assert dev_includes == ["requirements.txt"] and {"pytest", "ruff"} <= set(dev_pins)
+
+
+def test_conda_environment_matches_requirements():
+    env = yaml.safe_load((REPO_ROOT / "electra_moe_env.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert pip_section == ["-r requirements.txt", "-r requirements-dev.txt"]
+    for entry in pip_section:
+        assert (REPO_ROOT / entry.split()[1]).is_file()
+
+
+def test_installed_versions_match_the_pins():
+    from importlib.metadata import version
+
+    pins, _ = read_requirements(REPO_ROOT / "requirements.txt")
+    for name, pinned in pins.items():
+        assert version(name).split("+")[0] == pinned, f"{name}: installed {version(name)}, pinned {pinned}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_MAIN, ids=lambda p: p.name)
+def test_scripts_have_parse_args_and_main_and_do_nothing_on_import(script):
+    tree = ast.parse(script.read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {"parse_args", "main"} <= functions, f"{script.name} needs parse_args(argv) and main(argv=None)"
+    allowed = (
+        ast.Import,
+        ast.ImportFrom,
+        ast.FunctionDef,
+        ast.ClassDef,
+        ast.Assign,
+        ast.AnnAssign,
+        ast.If,
+        ast.Expr,
+    )
+    for node in tree.body:
+        assert isinstance(node, allowed), f"{script.name}:{node.lineno} runs code at import time"
+        if isinstance(node, ast.Expr):
+            assert isinstance(node.value, ast.Constant), (
+                f"{script.name}:{node.lineno} calls code at import time"
+            )
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is not installed: run `make install` (requirements-dev.txt)")
+    check = subprocess.run([ruff, "check", "."], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = subprocess.run([ruff, "format", "--check", "."], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
