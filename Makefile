@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# demo: the sample shipped in demo_data/; hub: WikiText-2 and GLUE from the Hub; or a folder like ../shared/data
+DATA ?= demo
+HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo mini-study clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +24,10 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 demo: install
-	$(OFFLINE) $(PY) run_demo.py
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/demo.json --data $(DATA) --overwrite_output_dir
+
+mini-study: install
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --data $(DATA) --overwrite_output_dir
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -17,7 +17,8 @@ from conftest import REPO_ROOT
 SCRIPTS_WITH_MAIN = [
     REPO_ROOT / name
     for name in (
-        "run_demo.py",
+        "run_study.py",
+        "wikitext_trainer.py",
         "run_glue.py",
         "gather_glue_results.py",
         "convert_bert_checkpoint.py",
