@@ -86,17 +86,7 @@ ADAM_EPSILON = 1e-6
 LOGGING_STEPS = 50
 
 # Model outputs that are router statistics, not predictions: left out when the Trainer gathers logits.
-NON_PREDICTION_OUTPUTS = [
-    "hidden_states",
-    "attentions",
-    "router_logits",
-    "aux_loss",
-    "z_loss",
-    "router_loss",
-    "expert_load",
-    "router_entropy",
-    "dropped_fraction",
-]
+NON_PREDICTION_OUTPUTS = ["hidden_states", "attentions", *modeling_electra.ROUTER_FIELDS]
 ENCODER_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 
 

@@ -734,10 +734,14 @@ def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[di
 def epoch_batches(
     num_examples: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[np.ndarray]:
-    """This process's micro-batches (index arrays) for one epoch; incomplete batches are dropped."""
+    """This process's micro-batches (index arrays) for one epoch; incomplete batches are dropped.
+
+    Ranks take interleaved examples, so N processes with batch b see, step by step, the same global
+    batches as one process with batch N*b.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     per_rank = num_examples // world_size
-    shard = order[rank * per_rank : (rank + 1) * per_rank]
+    shard = order[: per_rank * world_size][rank::world_size]
     return [shard[i : i + batch_size] for i in range(0, per_rank - batch_size + 1, batch_size)]
 
 

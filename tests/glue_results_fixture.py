@@ -135,7 +135,9 @@ def make_pretraining_run(directory: Path, num_moe_layers: int = 2, num_experts: 
             }
         )
         if step % 100 == 0:
-            records.append({"step": step, "split": "eval", "loss": 10.5 - step / 40, "disc_accuracy": 0.79})
+            records.append(
+                {"step": step, "split": "validation", "loss": 10.5 - step / 40, "disc_accuracy": 0.79}
+            )
     records.append({"step": 200, "split": "train", "loss": 4.9})  # a record with most keys absent
     with open(directory / "metrics.jsonl", "w") as handle:
         for record in records:

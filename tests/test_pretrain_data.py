@@ -174,3 +174,13 @@ def test_valid_file_is_used_as_given(tmp_path, vocab_dir, tokenizer):
     articles = wt.group_into_articles(VALID_FILE.read_text().splitlines())
     expected = wt.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
     assert blocks["validation"].tolist() == expected
+
+
+def test_ranks_together_see_the_single_process_global_batches():
+    single = wt.epoch_batches(103, batch_size=8, epoch=1, seed=42)
+    ranks = [wt.epoch_batches(103, batch_size=4, epoch=1, seed=42, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step, batch in enumerate(single):
+        together = np.concatenate([ranks[0][step], ranks[1][step]])
+        assert sorted(together.tolist()) == sorted(batch.tolist())
+    assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
