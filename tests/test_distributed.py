@@ -22,9 +22,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "wikitext"
 NUM_STEPS = 10
 GLOBAL_BATCH = 8
 NUM_PROCESSES = 2
-# The runs share the initial weights but not the masks, the sampled replacements or the grouping of blocks
-# into batches, so their losses agree only statistically: measured here 0.5% (train) and 1.0% (validation)
-# apart at step 10, while changing only the seed moves them 2.5-3%; after 10 steps the loss has fallen ~8%.
+# The runs share the initial weights and, step by step, the same global batches (ranks take interleaved
+# blocks), but not the masks or the sampled replacements (each process draws its own), so their losses agree
+# only statistically: measured here 0.5% (train) and 1.0% (validation) apart at step 10 (before batches were
+# interleaved), while changing only the seed moves them 2.5-3%; after 10 steps the loss has fallen ~8%.
 # A run that fails to average gradients, double-steps the schedule or trains another model drifts further.
 LOSS_REL_TOLERANCE = 0.03
 RUN_TIMEOUT_S = 300
