@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# grouped_mm needs 16-byte aligned rows: hidden and expert sizes must be multiples of 8 (bf16).
+GROUPED_MM_ALIGNMENT = 8
 # Parameters that only exist in MoE layers; a checkpoint lacking them would silently train fresh experts.
 MOE_PARAMETER_PATTERN = re.compile(r"\.moe\.(experts|router|LayerNorm)\.")
 
@@ -128,7 +130,7 @@ class RouterOutput:
 
 
 class ElectraMoERouter(nn.Module):
-    """Token-to-expert router, computed in fp32 whatever the autocast dtype (router stability, ST-MoE)."""
+    """Token-to-expert router, computed in (at least) fp32 whatever the autocast dtype (ST-MoE stability)."""
 
     def __init__(self, config: ElectraMoEConfig):
         super().__init__()
@@ -142,17 +144,17 @@ class ElectraMoERouter(nn.Module):
             self.noise_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (logits, probabilities, top-k gate weights, top-k expert ids), all but ids in fp32."""
-        x = x.float()
+        """Return (logits, probabilities, top-k gates, top-k expert ids), all but ids in fp32 (or fp64)."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x, self.weight.float())
+            logits = F.linear(x, self.weight.to(x.dtype))
             probs = logits.softmax(dim=-1)
             if self.router_type == "noisy_topk":
                 selection_logits = logits
                 if self.training:
-                    noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
+                    noise_std = F.softplus(F.linear(x, self.noise_weight.to(x.dtype)))
                     selection_logits = logits + torch.randn_like(logits) * noise_std
                 top_logits, top_ids = selection_logits.topk(self.top_k, dim=-1)
                 gates = top_logits.softmax(dim=-1)
@@ -163,11 +165,23 @@ class ElectraMoERouter(nn.Module):
         return logits, probs, gates, top_ids
 
 
+def scatter_add_slots(x: torch.Tensor, slot_out: torch.Tensor, slot_token: torch.Tensor) -> torch.Tensor:
+    """Sum the gated expert outputs of each token's slots into a [tokens, hidden] tensor (dropped: zero).
+
+    `index_select` for the gather and an in-place `index_add_` here, rather than `x[idx]` and a copy: on CPU
+    the backward of advanced indexing (an accumulating `index_put_`) is several times slower.
+    """
+    combined = torch.zeros(x.shape, dtype=slot_out.dtype, device=x.device)
+    return combined.index_add_(0, slot_token, slot_out)
+
+
 class ElectraMoEExperts(nn.Module):
     """`num_experts` ELECTRA feed-forward networks stored as stacked weight tensors.
 
     Expert e computes `act(x @ weight_in[e] + bias_in[e]) @ weight_out[e] + bias_out[e]`, the same function
-    as ELECTRA's `intermediate.dense` + `output.dense` (whose weights are the transposes).
+    as ELECTRA's `intermediate.dense` + `output.dense` (whose weights are the transposes). Both dispatch
+    paths take the routed slots sorted by expert (token index, gate, per-expert counts) and return
+    `sum over slots of gate * expert(x[token])` per token.
     """
 
     def __init__(self, config: ElectraMoEConfig):
@@ -179,34 +193,62 @@ class ElectraMoEExperts(nn.Module):
         self.bias_out = nn.Parameter(torch.empty(e, h))
         self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
 
-    def forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Run each expert once on its contiguous slice of the expert-sorted tokens.
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts run in: the autocast dtype when autocast is on (bf16 on GPU), else x's.
 
-        `unbind` (not `weight[e]`) keeps autograd from building a full-size gradient per expert.
+        `grouped_mm` is not autocast-aware, so without this it would run in fp32 under bf16 autocast.
         """
-        dtype = x_sorted.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def forward_loop(
+        self, x: torch.Tensor, sorted_token: torch.Tensor, sorted_gate: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """Each expert once on its contiguous slice of the sorted slots, in a Python loop (the CPU path).
+
+        `unbind` (not `weight[e]`) keeps autograd from building a full-size gradient per expert. The gate is
+        applied per slice while the slice is in cache, which spares a (tokens*top_k, hidden) temporary in
+        forward and two in backward.
+        """
+        dtype = self.compute_dtype(x)
+        x_sorted = x.to(dtype).index_select(0, sorted_token)
         outputs = []
-        for chunk, w_in, b_in, w_out, b_out in zip(
+        for chunk, gate, w_in, b_in, w_out, b_out in zip(
             x_sorted.split(counts),
+            sorted_gate.to(dtype).split(counts),
             self.weight_in.to(dtype).unbind(0),
             self.bias_in.to(dtype).unbind(0),
             self.weight_out.to(dtype).unbind(0),
             self.bias_out.to(dtype).unbind(0),
             strict=True,
         ):
-            outputs.append(torch.addmm(b_out, self.act(torch.addmm(b_in, chunk, w_in)), w_out))
-        return torch.cat(outputs)
+            hidden = self.act(torch.addmm(b_in, chunk, w_in))
+            outputs.append(torch.addmm(b_out, hidden, w_out) * gate.unsqueeze(-1))
+        return scatter_add_slots(x, torch.cat(outputs), sorted_token)
 
     def forward_grouped(
-        self, x_sorted: torch.Tensor, counts: torch.Tensor, expert_ids: torch.Tensor
+        self,
+        x: torch.Tensor,
+        sorted_token: torch.Tensor,
+        sorted_gate: torch.Tensor,
+        counts: torch.Tensor,
+        sorted_expert: torch.Tensor,
     ) -> torch.Tensor:
-        """All experts in two `grouped_mm` calls over the expert-sorted tokens (the CUDA bf16 path)."""
-        dtype = x_sorted.dtype
+        """All experts in two `grouped_mm` calls over the sorted slots (the CUDA bf16 path).
+
+        No host sync: the group offsets stay on the device. Biases are added in place (grouped_mm's backward
+        does not need its output), sparing a (tokens*top_k, intermediate) temporary.
+        """
+        dtype = self.compute_dtype(x)
         offsets = counts.cumsum(0).to(torch.int32)
+        x_sorted = x.to(dtype).index_select(0, sorted_token)
         hidden = F.grouped_mm(x_sorted, self.weight_in.to(dtype), offs=offsets)
-        hidden = self.act(hidden + self.bias_in.to(dtype).index_select(0, expert_ids))
+        hidden = self.act(hidden.add_(self.bias_in.to(dtype).index_select(0, sorted_expert)))
         out = F.grouped_mm(hidden, self.weight_out.to(dtype), offs=offsets)
-        return out + self.bias_out.to(dtype).index_select(0, expert_ids)
+        out = out.add_(self.bias_out.to(dtype).index_select(0, sorted_expert))
+        return scatter_add_slots(x, out * sorted_gate.to(dtype).unsqueeze(-1), sorted_token)
 
 
 class ElectraMoEBlock(nn.Module):
@@ -218,6 +260,15 @@ class ElectraMoEBlock(nn.Module):
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
         self.implementation = config.moe_implementation
+        self.grouped_mm_aligned = all(
+            size % GROUPED_MM_ALIGNMENT == 0 for size in (config.hidden_size, config.expert_intermediate_size)
+        )
+        if self.implementation == "grouped_mm" and not self.grouped_mm_aligned:
+            raise ValueError(
+                f"moe_implementation='grouped_mm' needs hidden_size ({config.hidden_size}) and "
+                f"expert_intermediate_size ({config.expert_intermediate_size}) to be multiples of "
+                f"{GROUPED_MM_ALIGNMENT}; use 'loop' or 'auto' (which falls back to the loop)"
+            )
         self.router = ElectraMoERouter(config)
         self.experts = ElectraMoEExperts(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -225,7 +276,7 @@ class ElectraMoEBlock(nn.Module):
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.implementation == "auto":
-            return x.is_cuda
+            return x.is_cuda and self.grouped_mm_aligned
         return self.implementation == "grouped_mm"
 
     def forward(
@@ -274,14 +325,10 @@ class ElectraMoEBlock(nn.Module):
             )
             counts = counts.clamp(max=capacity)
 
-        x_sorted = x.index_select(0, sorted_token)
         if self.use_grouped_mm(x):
-            expert_out = self.experts.forward_grouped(x_sorted, counts, sorted_expert)
+            combined = self.experts.forward_grouped(x, sorted_token, sorted_gate, counts, sorted_expert)
         else:
-            expert_out = self.experts.forward_loop(x_sorted, counts.tolist())
-        expert_out = expert_out * sorted_gate.unsqueeze(-1).to(expert_out.dtype)
-        combined = torch.zeros(num_tokens, hidden_size, dtype=expert_out.dtype, device=x.device)
-        combined = combined.index_add(0, sorted_token, expert_out)
+            combined = self.experts.forward_loop(x, sorted_token, sorted_gate, counts.tolist())
 
         layer_output = self.LayerNorm(self.dropout(combined.view_as(hidden_states)) + hidden_states)
         router = self.router_statistics(logits, probs, valid, routed_counts, sorted_token.numel(), num_routed)
