@@ -101,8 +101,11 @@ def run_stage(name: str, command: list[str], log_dir: Path) -> None:
     print(f"=== stage {name} done in {time.time() - start:.0f} s ===", flush=True)
 
 
-def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: Path, executed: Path) -> None:
-    """Execute the results notebook headless with its parameter cell set to this study's paths."""
+def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: Path, executed: Path):
+    """Execute the results notebook headless with its parameter cell set to this study's paths.
+
+    The executed notebook is written to `executed` (also when a cell fails) and returned.
+    """
     import nbformat
     from nbclient import NotebookClient
 
@@ -123,6 +126,7 @@ def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: P
         client.execute()
     finally:
         nbformat.write(notebook, executed)
+    return notebook
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

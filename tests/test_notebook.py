@@ -4,9 +4,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 import gather_glue_results
+import run_study
 from glue_results_fixture import make_pretraining_run, make_results_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +40,9 @@ def test_notebook_executes_and_saves_pngs(tmp_path):
     pretrain = make_pretraining_run(tmp_path / "pretrain_run")
     figures = tmp_path / "figures"
 
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    parameter_cells(notebook)[0].source = (
-        f'SUMMARY_CSV = "{results / "glue_results_summary.csv"}"\n'
-        f'PRETRAIN_DIR = "{pretrain}"\n'
-        f'FIGURE_DIR = "{figures}"\n'
+    notebook = run_study.execute_notebook(
+        results / "glue_results_summary.csv", pretrain, figures, tmp_path / "executed.ipynb"
     )
-    client = NotebookClient(
-        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}
-    )
-    client.execute()
 
     for name in EXPECTED_FIGURES:
         path = figures / name
