@@ -653,33 +653,31 @@ def machine_description(device: torch.device, threads: int) -> dict:
 def markdown_tables(rows: list[dict], methods: list[str]) -> str:
     """One table of ms (ratio dense / method) and, when measured, one of peak MB (ratio method / dense)."""
     header = ["shape", "tokens", "experts", "top-k"] + methods
-    lines = ["Forward+backward time, ms (dense ÷ method: 1.0 = as fast as dense at equal active compute)", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for row in rows:
-        cells = [row["shape"], str(row["tokens"]), str(row["num_experts"]), str(row["top_k"])]
-        for method in methods:
-            result = row["methods"].get(method)
-            if result is None:
-                cells.append("skipped" if method in row["skipped"] else "–")
-            elif method == DENSE:
-                cells.append(f"{result['ms']:.0f}")
-            else:
-                cells.append(f"{result['ms']:.0f} ({result['ratio']:.2f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    if any("peak_mb" in r for row in rows for r in row["methods"].values()):
-        lines += ["", "Peak memory of forward+backward, MB (method ÷ dense)", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+
+    def table(title: str, value_key: str, ratio_key: str) -> list[str]:
+        lines = [title, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for row in rows:
             cells = [row["shape"], str(row["tokens"]), str(row["num_experts"]), str(row["top_k"])]
             for method in methods:
                 result = row["methods"].get(method)
-                if result is None or "peak_mb" not in result:
+                if result is None or value_key not in result:
                     cells.append("skipped" if method in row["skipped"] else "–")
                 elif method == DENSE:
-                    cells.append(f"{result['peak_mb']:.0f}")
+                    cells.append(f"{result[value_key]:.0f}")
                 else:
-                    cells.append(f"{result['peak_mb']:.0f} ({result['memory_ratio']:.2f})")
+                    cells.append(f"{result[value_key]:.0f} ({result[ratio_key]:.2f})")
             lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    lines = table(
+        "Forward+backward time, ms (dense ÷ method: 1.0 = as fast as dense at equal active compute)",
+        "ms",
+        "ratio",
+    )
+    if any("peak_mb" in r for row in rows for r in row["methods"].values()):
+        lines += [""] + table(
+            "Peak memory of forward+backward, MB (method ÷ dense)", "peak_mb", "memory_ratio"
+        )
     notes = {m: why for row in rows for m, why in row["skipped"].items()}
     lines += [""] + [f"- {m} skipped: {why} (largest case)" for m, why in sorted(notes.items())]
     return "\n".join(lines)
