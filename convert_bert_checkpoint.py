@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint_dir = extract_checkpoint(args.bert_path, Path(scratch))
+        try:
+            checkpoint_dir = extract_checkpoint(args.bert_path, Path(scratch))
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         model = convert_bert_to_electra(checkpoint_dir)
         if args.num_experts > 1:
             moe_config = ElectraMoEConfig(

@@ -11,7 +11,9 @@ study's `<root>/<config>/<task>/eval_results.json`, each with the model config s
   (mean of its metrics: MRPC/QQP F1 and accuracy, STS-B Pearson and Spearman, MNLI matched and
   mismatched), in GLUE points (x100), the seed count, and the GLUE score = mean of the task means over
   the 8 tasks without WNLI, as BERT and ELECTRA report (`--include_wnli` for 9). A model missing a
-  task has no GLUE score; the missing tasks are listed, never averaged over.
+  task has no GLUE score; the missing tasks are listed, never averaged over. `common_score` is the mean
+  over the score tasks every model in the table has (`common_tasks`), for studies that run a few tasks.
+- Printed table: the tasks that have results, and, when some model has no GLUE score, that common mean.
 
 Corrupt or partial result files are reported by path and skipped; the exit status is then 1.
 """
@@ -235,6 +237,11 @@ def summary_table(results: list[RunResult], include_wnli: bool = False) -> pd.Da
     summary = pd.DataFrame(rows)
     if summary.empty:
         return summary
+    # A study that runs only some tasks (the mini-study: CoLA, SST-2, RTE, WNLI) has no GLUE score; its
+    # models are compared on the mean over the score tasks that every model has.
+    common = [t for t in score_tasks if (summary[f"{t}_n"] > 0).all()]
+    summary["common_tasks"] = " ".join(common)
+    summary["common_score"] = summary[[f"{t}_mean" for t in common]].mean(axis=1) if common else math.nan
     size_rank = summary["model_size"].map(
         lambda s: SIZE_ORDER.index(s) if s in SIZE_ORDER else len(SIZE_ORDER)
     )
@@ -265,10 +272,14 @@ def capacity_default(num_experts: Any) -> str:
 
 
 def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) -> str:
-    """The summary as a markdown or LaTeX (booktabs) table: mean ± std (seeds) per task, GLUE score."""
+    """The summary as a markdown or LaTeX (booktabs) table: mean ± std (seeds) per task run, GLUE score."""
     latex = fmt == "latex"
+    tasks = [t for t in GLUE_TASKS if (summary[f"{t}_n"] > 0).any()]
     glue_header = f"GLUE ({9 if include_wnli else 8} tasks)"
-    header = ["model", "size", "experts", "top-k", "capacity", *GLUE_TASKS, glue_header]
+    # Without a GLUE score for every model, also show the mean over the tasks all of them have.
+    common = summary["glue_score"].isna().any() and summary["common_tasks"].iloc[0]
+    header = ["model", "size", "experts", "top-k", "capacity", *tasks, glue_header]
+    header += [f"mean ({common})"] if common else []
     body = []
     for _, row in summary.iterrows():
         cells = [
@@ -277,13 +288,14 @@ def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) ->
             format_value(row["num_experts"]),
             format_value(row["top_k"]),
             format_value(row["capacity_factor"], default=capacity_default(row["num_experts"])),
-            *[format_cell(row[f"{t}_mean"], row[f"{t}_std"], int(row[f"{t}_n"]), latex) for t in GLUE_TASKS],
+            *[format_cell(row[f"{t}_mean"], row[f"{t}_std"], int(row[f"{t}_n"]), latex) for t in tasks],
             MISSING if math.isnan(row["glue_score"]) else f"{row['glue_score']:.1f}",
         ]
+        cells += [f"{row['common_score']:.1f}"] if common else []
         body.append(cells)
     if latex:
         escape = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"})
-        lines = [r"\begin{tabular}{" + "l" * 5 + "r" * (len(GLUE_TASKS) + 1) + "}", r"\toprule"]
+        lines = [r"\begin{tabular}{" + "l" * 5 + "r" * (len(header) - 5) + "}", r"\toprule"]
         lines.append(" & ".join(h.translate(escape) for h in header) + r" \\")
         lines.append(r"\midrule")
         lines += [" & ".join(c.translate(escape) for c in cells) + r" \\" for cells in body]
@@ -291,7 +303,7 @@ def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) ->
         return "\n".join(lines)
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 5 + ["---:"] * (len(GLUE_TASKS) + 1)) + "|",
+        "|" + "|".join(["---"] * 5 + ["---:"] * (len(header) - 5)) + "|",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)

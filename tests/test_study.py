@@ -1,12 +1,20 @@
 """The whole pipeline end to end (pretrain -> GLUE -> gather -> notebook), at an even smaller size than
 `make demo`, on the sample shipped in demo_data/."""
 
+import csv
 import json
+import re
+import sys
 
 import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 import run_study
 from conftest import REPO_ROOT
+
+DEMO_DATA = REPO_ROOT / "demo_data"
+DEMO_SAMPLE_MAX_BYTES = 600_000
 
 
 def test_to_flags():
@@ -82,3 +90,83 @@ def test_pipeline_end_to_end_on_the_demo_sample(tmp_path):
     assert run_study.main(["--config", str(config), "--output_dir", str(out)]) == 2, (
         "a used output dir is refused"
     )
+
+
+def test_study_needs_one_model_source_and_an_existing_checkpoint(tmp_path, capsys):
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"pretrain": {}, "convert": {}, "glue": {}}))
+    assert run_study.main(["--config", str(both), "--output_dir", str(tmp_path / "a")]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    convert = tmp_path / "convert.json"
+    convert.write_text(
+        json.dumps({"convert": {"bert_path": str(tmp_path / "nope.whl"), "models": {}}, "glue": {}})
+    )
+    assert run_study.main(["--config", str(convert), "--output_dir", str(tmp_path / "b")]) == 2
+    assert "nope.whl not found" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_demo_sample_pretraining_text_covers_the_glue_vocabulary():
+    """The demo can only transfer if the words its GLUE tasks turn on are in the pretraining text."""
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
+    corpus = words((DEMO_DATA / "wikitext-2" / "wiki.train.tokens").read_text())
+    for task, column in (("SST-2", "sentence"), ("STS-B", "sentence1")):
+        with (DEMO_DATA / "glue_data" / task / "train.tsv").open() as f:
+            text = " ".join(row[column] for row in csv.DictReader(f, delimiter="\t"))
+        assert words(text) <= corpus, f"{task} words missing from the corpus: {sorted(words(text) - corpus)}"
+
+
+@pytest.mark.slow
+def test_transfer_study_converts_upcycles_and_fine_tunes(tmp_path, vocab_dir):
+    """A "convert" study: a saved BERT becomes the dense model and its upcycled copy, both fine-tuned."""
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    config = BertConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(vocab_dir)), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(bert)
+    AutoTokenizer.from_pretrained(vocab_dir).save_pretrained(bert)
+    study = json.loads((REPO_ROOT / "study_configs" / "transfer.json").read_text())
+    study["convert"]["models"] = {
+        "bert-dense": {"num_experts": 1},
+        "bert-2x2": {"num_experts": 2, "top_k": 2},
+    }
+    study["glue"].update(tasks=["sst2"], seeds=[3])
+    study["glue"]["args"].update(max_train_samples=32, max_eval_samples=32, max_seq_length=32)
+    path = tmp_path / "transfer.json"
+    path.write_text(json.dumps(study))
+    out = tmp_path / "study"
+
+    args = [
+        "--config",
+        str(path),
+        "--bert_path",
+        str(bert),
+        "--data",
+        str(DEMO_DATA),
+        "--output_dir",
+        str(out),
+    ]
+    assert run_study.main(args) == 0
+
+    upcycled = json.loads((out / "converted" / "bert-2x2" / "config.json").read_text())
+    assert upcycled["num_experts"] == 2 and upcycled["top_k"] == 2
+    for name in ("bert-dense", "bert-2x2"):
+        results = json.loads((out / "glue" / name / "sst2" / "seed_3" / "eval_results.json").read_text())
+        assert "eval_accuracy" in results
+    assert "bert-2x2" in (out / "glue" / "glue_results_summary.csv").read_text()
+    assert list((out / "figures").glob("*.png"))
+
+
+def test_demo_sample_is_what_its_script_writes(tmp_path):
+    """demo_data/ is reproducible from make_demo_data.py and stays small enough to ship."""
+    sys.path.insert(0, str(DEMO_DATA))
+    try:
+        import make_demo_data
+    finally:
+        sys.path.remove(str(DEMO_DATA))
+    assert make_demo_data.main(["--output_dir", str(tmp_path)]) == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert written and all((DEMO_DATA / p).read_bytes() == (tmp_path / p).read_bytes() for p in written)
+    assert sum((tmp_path / p).stat().st_size for p in written) < DEMO_SAMPLE_MAX_BYTES
