@@ -60,36 +60,12 @@ die() {
     exit "$USAGE_EXIT_CODE"
 }
 
-# ---- environment: a conda env name or venv directory as $1 (the original script took the env as $1) ----
-activate_env() {
-    local target=$1
-    set +u  # activation scripts read unset variables
-    if [[ -f $target/bin/activate ]]; then
-        # shellcheck source=/dev/null
-        source "$target/bin/activate"
-    elif command -v conda >/dev/null; then
-        eval "$(conda shell.bash hook)"
-        conda activate "$target" || die "cannot activate conda environment '$target'"
-    else
-        die "'$target' is neither a virtual environment directory nor usable with conda (conda not found)"
-    fi
-    set -u
-}
-
-env_target=${CONDA_ENV:-${VENV:-}}
-if [[ $# -gt 0 && $1 != -* ]]; then
-    env_target=$1
-    shift
-fi
-if [[ -n $env_target ]]; then
-    activate_env "$env_target"
-    python_bin=$(command -v python)
-else
-    python_bin=$(command -v "${PYTHON:-python3}") || die "no ${PYTHON:-python3} on PATH; give an environment"
-fi
-extra_args=("$@")
-
+# ---- environment: a conda env name or venv directory as $1 (shared with the other Slurm script) ----
 repo_dir=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -f $repo_dir/slurm_env.sh ]] || die "$repo_dir/slurm_env.sh not found; submit from the repository or set REPO_DIR"
+# shellcheck source-path=SCRIPTDIR source=slurm_env.sh
+source "$repo_dir/slurm_env.sh"
+
 trainer=$repo_dir/wikitext_trainer.py
 [[ -f $trainer ]] || die "$trainer not found; submit from the repository or set REPO_DIR"
 

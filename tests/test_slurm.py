@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slurm
 
 PRETRAIN_SCRIPT = REPO_ROOT / "Electra_MoE_Pretrainer.sh"
 GLUE_SCRIPT = REPO_ROOT / "Run_GLUE_Evaluation.sh"
+SLURM_ENV = REPO_ROOT / "slurm_env.sh"
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUEUE_EXIT_CODE = 75
 USAGE_EXIT_CODE = 2
@@ -106,9 +107,12 @@ def test_missing_slurm_skips_with_the_reason_but_fails_on_ci(monkeypatch):
         skip_or_fail("no apt")
 
 
-@pytest.mark.parametrize("script", [PRETRAIN_SCRIPT, GLUE_SCRIPT], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [PRETRAIN_SCRIPT, GLUE_SCRIPT, SLURM_ENV], ids=lambda p: p.name)
 def test_scripts_pass_bash_n_and_shellcheck(script, shell_tools):
-    for cmd in (["bash", "-n", str(script)], ["shellcheck", "--severity=info", str(script)]):
+    for cmd in (
+        ["bash", "-n", str(script)],
+        ["shellcheck", "--severity=info", "--external-sources", str(script)],
+    ):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}{done.stderr}"
 
