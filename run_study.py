@@ -147,10 +147,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='checkpoint for a study with a "convert" section (default: its bert_path)',
     )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/<config name>")
-    parser.add_argument(
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument(
         "--overwrite_output_dir", action="store_true", help="start again in a used output dir"
     )
+    restart.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped study: skip finished models and GLUE runs, resume pretraining checkpoints",
+    )
     return parser.parse_args(argv)
+
+
+def missing_glue_runs(
+    glue_root: Path, model: str, tasks: list[str], seeds: list[int]
+) -> dict[str, list[int]]:
+    """The seeds of each task that have no eval_results.json yet (run_glue.py writes it last, atomically)."""
+    missing = {
+        task: [
+            seed
+            for seed in seeds
+            if not (glue_root / model / task / f"seed_{seed}" / "eval_results.json").is_file()
+        ]
+        for task in tasks
+    }
+    return {task: seeds for task, seeds in missing.items() if seeds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
         print(
-            f"error: {output_dir} is not empty; pass --overwrite_output_dir or another --output_dir",
+            f"error: {output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir",
             file=sys.stderr,
         )
         return 2
@@ -195,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir / "pretrain",
             )
             for name, model_options in models.items():
+                if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+                    print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
+                    continue
                 options = {**pretrain["common"], **pretrain_data, **tokenizer, **model_options}
+                options.update(model_save_directory=str(model_root), model_save_name=name)
                 options.update(
-                    model_save_directory=str(model_root), model_save_name=name, overwrite_output_dir=True
+                    {"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True}
                 )
                 run_stage(f"pretrain_{name}", python + ["wikitext_trainer.py"] + to_flags(options), log_dir)
         else:
@@ -213,19 +238,34 @@ def main(argv: list[str] | None = None) -> int:
         tasks = available_tasks(glue["tasks"], glue_dir)
         if not tasks:
             raise StageError(f"none of the study's GLUE tasks {glue['tasks']} is in {glue_dir}")
-        finetune = {**glue.get("args", {}), **glue_data, "task_name": tasks, "seed": glue["seeds"]}
-        finetune.update(output_dir=str(glue_root), overwrite_output_dir=True)
-        for name in models:
-            model = {"model_name_or_path": str(model_root / name), "model_name": name}
-            run_stage(f"glue_{name}", python + ["run_glue.py"] + to_flags({**model, **finetune}), log_dir)
-        for name in glue.get("random_init_baselines", []):
-            model = {"model_name_or_path": str(model_root / name), "model_name": f"{name}_random_init"}
-            model["random_init"] = True
-            run_stage(
-                f"glue_{name}_random_init",
-                python + ["run_glue.py"] + to_flags({**model, **finetune}),
-                log_dir,
-            )
+        finetune = {
+            **glue.get("args", {}),
+            **glue_data,
+            "output_dir": str(glue_root),
+            "overwrite_output_dir": True,
+        }
+        runs = [(name, name, False) for name in models]
+        runs += [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
+        for label, name, random_init in runs:
+            model = {
+                "model_name_or_path": str(model_root / name),
+                "model_name": label,
+                "random_init": random_init,
+            }
+            todo = {task: glue["seeds"] for task in tasks}
+            if args.resume:
+                todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])
+                if not todo:
+                    print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
+                    continue
+            # One run_glue.py call per group of tasks that lack the same seeds (one call when nothing ran yet).
+            groups: dict[tuple[int, ...], list[str]] = {}
+            for task, seeds in todo.items():
+                groups.setdefault(tuple(seeds), []).append(task)
+            for part, (seeds, group) in enumerate(groups.items()):
+                stage = f"glue_{label}" if len(groups) == 1 else f"glue_{label}_{part}"
+                flags = to_flags({**model, **finetune, "task_name": group, "seed": list(seeds)})
+                run_stage(stage, python + ["run_glue.py"] + flags, log_dir)
 
         run_stage(
             "gather", python + ["gather_glue_results.py", str(glue_root), "--format", "markdown"], log_dir

@@ -4,6 +4,7 @@
 import csv
 import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -50,7 +51,7 @@ def test_local_layout_prefers_its_vocabulary(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_on_the_demo_sample(tmp_path):
+def test_pipeline_end_to_end_on_the_demo_sample(tmp_path, capsys):
     demo = json.loads((REPO_ROOT / "study_configs" / "demo.json").read_text())
     demo["pretrain"]["common"].update(
         max_training_steps=12,
@@ -90,6 +91,26 @@ def test_pipeline_end_to_end_on_the_demo_sample(tmp_path):
     assert run_study.main(["--config", str(config), "--output_dir", str(out)]) == 2, (
         "a used output dir is refused"
     )
+
+    # --resume after a stop: finished pretraining and GLUE runs are kept, only the missing run is redone.
+    kept = out / "glue" / "dense" / "sst2" / "seed_42" / "eval_results.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    shutil.rmtree(out / "glue" / "moe-4x2" / "stsb" / "seed_42")
+    assert run_study.main(["--config", str(config), "--output_dir", str(out), "--resume"]) == 0
+    assert (out / "glue" / "moe-4x2" / "stsb" / "seed_42" / "eval_results.json").is_file()
+    assert kept.stat().st_mtime_ns == kept_mtime
+    printed = capsys.readouterr().out
+    assert "stage pretrain_dense: finished before, skipped" in printed
+    assert "stage glue_dense: finished before, skipped" in printed
+
+
+def test_missing_glue_runs(tmp_path):
+    done = tmp_path / "m" / "rte" / "seed_1"
+    done.mkdir(parents=True)
+    (done / "eval_results.json").write_text("{}")
+    (tmp_path / "m" / "cola" / "seed_1").mkdir(parents=True)  # a run that never finished
+    assert run_study.missing_glue_runs(tmp_path, "m", ["cola", "rte"], [1, 2]) == {"cola": [1, 2], "rte": [2]}
+    assert run_study.missing_glue_runs(tmp_path, "m", ["rte"], [1]) == {}
 
 
 def test_study_needs_one_model_source_and_an_existing_checkpoint(tmp_path, capsys):
