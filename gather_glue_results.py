@@ -13,7 +13,8 @@ study's `<root>/<config>/<task>/eval_results.json`, each with the model config s
   the 8 tasks without WNLI, as BERT and ELECTRA report (`--include_wnli` for 9). A model missing a
   task has no GLUE score; the missing tasks are listed, never averaged over. `common_score` is the mean
   over the score tasks every model in the table has (`common_tasks`), for studies that run a few tasks.
-- Printed table: the tasks that have results, and, when some model has no GLUE score, that common mean.
+- Printed table: the tasks that have results, the GLUE score when some model has one, and, when some
+  model has none, that common mean.
 
 Corrupt or partial result files are reported by path and skipped; the exit status is then 1.
 """
@@ -278,7 +279,9 @@ def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) ->
     glue_header = f"GLUE ({9 if include_wnli else 8} tasks)"
     # Without a GLUE score for every model, also show the mean over the tasks all of them have.
     common = summary["glue_score"].isna().any() and summary["common_tasks"].iloc[0]
-    header = ["model", "size", "experts", "top-k", "capacity", *tasks, glue_header]
+    any_glue = summary["glue_score"].notna().any()
+    header = ["model", "size", "experts", "top-k", "capacity", *tasks]
+    header += [glue_header] if any_glue else []
     header += [f"mean ({common})"] if common else []
     body = []
     for _, row in summary.iterrows():
@@ -289,8 +292,9 @@ def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) ->
             format_value(row["top_k"]),
             format_value(row["capacity_factor"], default=capacity_default(row["num_experts"])),
             *[format_cell(row[f"{t}_mean"], row[f"{t}_std"], int(row[f"{t}_n"]), latex) for t in tasks],
-            MISSING if math.isnan(row["glue_score"]) else f"{row['glue_score']:.1f}",
         ]
+        if any_glue:
+            cells.append(MISSING if math.isnan(row["glue_score"]) else f"{row['glue_score']:.1f}")
         cells += [f"{row['common_score']:.1f}"] if common else []
         body.append(cells)
     if latex:
