@@ -97,17 +97,32 @@ MAX_GATHER_BYTES = 2**30
 DEFAULT_REPEATS = 3
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="small shapes, 8,192 tokens, 8 and 64 experts, top-2"
-    )
+def add_common_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options both benchmarks take (bench_pretrain.py imports this)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed rounds per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, check the shared options and resolve `--device auto` to cuda when available, else cpu."""
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser, quick_help="small shapes, 8,192 tokens, 8 and 64 experts, top-2")
     parser.add_argument("--shapes", nargs="+", choices=("small", "base"), default=("small", "base"))
     parser.add_argument("--experts", type=int, nargs="+", help="override the expert counts")
     parser.add_argument("--top_k", type=int, nargs="+", help="override the top-k values")
@@ -118,11 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_moe_<device>.json)"
     )
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
     if DENSE not in args.methods:
         parser.error("--methods must include dense (every ratio is relative to it)")
-    if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
-        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     return args
 
 
@@ -693,12 +706,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

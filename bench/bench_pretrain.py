@@ -40,7 +40,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import wikitext_trainer as wt  # noqa: E402
-from bench.bench_moe import RESULTS_DIR, machine_description, synchronize, write_json  # noqa: E402
+from bench.bench_moe import (  # noqa: E402
+    RESULTS_DIR,
+    add_common_args,
+    machine_description,
+    parse_common_args,
+    synchronize,
+    write_json,
+)
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 ELECTRA_VOCAB = SHARED_DATA / "electra-vocab"
@@ -56,21 +63,14 @@ STUDY_EXPERTS = (2, 4, 8)
 STUDY_TOP_K = (1, 2)
 SMALL_BATCH, QUICK_BATCH = 128, 16
 SEQ_LEN = wt.MAX_SEQ_LENGTH
-DEFAULT_REPEATS = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="dense, dense-2x and 8 experts top-2 at batch 16"
-    )
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_common_args(parser, quick_help="dense, dense-2x and 8 experts top-2 at batch 16")
     parser.add_argument("--batch_size", type=int, help=f"sequences per step (default {SMALL_BATCH})")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-pipeline part")
     parser.add_argument(
@@ -83,9 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
-        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    args = parse_common_args(parser, argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
     return args
@@ -332,12 +330,7 @@ def markdown(rows: list[dict], data: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "no"
     torch.set_num_threads(args.threads)
