@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from glue_tasks import GLUE_SCORE_TASKS, GLUE_TASKS, eval_metric_keys, task_score
+from glue_tasks import GLUE_SCORE_TASKS, GLUE_TASKS, RESULTS_FILE, eval_metric_keys, task_score
 
 logger = logging.getLogger("gather_glue_results")
 
-RESULTS_FILE = "eval_results.json"
 CONFIG_FILE = "config.json"
 LONG_CSV = "glue_results_long.csv"
 SUMMARY_CSV = "glue_results_summary.csv"

@@ -167,6 +167,14 @@ DIAGNOSTIC_TASK = "ax"
 GLUE_SCORE_TASKS = tuple(t for t in GLUE_TASKS if t != "wnli")
 # Suffix transformers' run_glue example gives MNLI mismatched metrics.
 MISMATCHED_SUFFIX = "_mm"
+# run_glue.py's output layout, read by gather_glue_results.py and `run_study.py --resume`. The results file is
+# written last, so its presence marks a finished run.
+RESULTS_FILE = "eval_results.json"
+
+
+def glue_run_dir(output_dir: Path, model_name: str, task_name: str, seed: int) -> Path:
+    """`<output_dir>/<model_name>/<task>/seed_<seed>/`: where run_glue.py writes one (task, seed) run."""
+    return Path(output_dir) / model_name / task_name / f"seed_{seed}"
 
 
 def eval_metric_keys(task: str) -> list[str]:

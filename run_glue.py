@@ -51,10 +51,12 @@ from glue_tasks import (
     DIAGNOSTIC_TASK,
     GLUE_TASKS,
     MISMATCHED_SUFFIX,
+    RESULTS_FILE,
     TASKS,
     GlueTask,
     SplitData,
     glue_metrics,
+    glue_run_dir,
     load_file_split,
     load_glue_dir_split,
 )
@@ -521,7 +523,7 @@ def json_default(value: Any) -> Any:
 def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: str) -> Path:
     """Fine-tune / evaluate / predict one task with one seed; returns the finished run directory."""
     task = TASKS[task_name]
-    run_dir = args.output_dir / model_name / task_name / f"seed_{seed}"
+    run_dir = glue_run_dir(args.output_dir, model_name, task_name, seed)
     if run_dir.exists() and not args.overwrite_output_dir:
         raise FileExistsError(f"{run_dir} exists; pass --overwrite_output_dir or choose another --output_dir")
     set_seed(seed)
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s seed %d failed: %s", task_name, seed, error)
             failures.append((task_name, seed, str(error)))
             continue
-        results = run_dir / "eval_results.json"
+        results = run_dir / RESULTS_FILE
         if results.is_file():
             scores = {k: round(v, 4) for k, v in json.loads(results.read_text()).items() if "loss" not in k}
             logger.info("%s seed %d: %s -> %s", task_name, seed, scores, run_dir)

@@ -162,12 +162,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def missing_glue_runs(
     glue_root: Path, model: str, tasks: list[str], seeds: list[int]
 ) -> dict[str, list[int]]:
-    """The seeds of each task that have no eval_results.json yet (run_glue.py writes it last, atomically)."""
+    """The seeds of each task whose run_glue.py run has not finished (no results file yet)."""
+    from glue_tasks import RESULTS_FILE, glue_run_dir
+
     missing = {
         task: [
             seed
             for seed in seeds
-            if not (glue_root / model / task / f"seed_{seed}" / "eval_results.json").is_file()
+            if not (glue_run_dir(glue_root, model, task, seed) / RESULTS_FILE).is_file()
         ]
         for task in tasks
     }
@@ -210,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if "pretrain" in study:
             pretrain = study["pretrain"]
             tokenizer = tokenizer or pretrain.get("tokenizer", {})
-            models, model_root, curves_dir = (
-                pretrain["models"],
-                output_dir / "pretrain",
-                output_dir / "pretrain",
-            )
+            models, model_root = pretrain["models"], output_dir / "pretrain"
             for name, model_options in models.items():
                 if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
                     print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
@@ -226,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 run_stage(f"pretrain_{name}", python + ["wikitext_trainer.py"] + to_flags(options), log_dir)
         else:
-            models, model_root, curves_dir = study["convert"]["models"], output_dir / "converted", None
+            models, model_root = study["convert"]["models"], output_dir / "converted"
             for name, model_options in models.items():
                 options = {"bert_path": bert_path, "output_dir": str(model_root / name), **model_options}
                 options["overwrite_output_dir"] = True
@@ -274,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n=== stage notebook ===", flush=True)
         executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
         try:
+            # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
+            curves_dir = model_root if "pretrain" in study else None
             execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed)
         except Exception as error:
             raise StageError(
