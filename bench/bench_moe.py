@@ -14,8 +14,9 @@ For each shape (ELECTRA-Small: hidden 256, experts of 1024, 128 x 128 tokens; EL
   `experts_implementation`, with the project's router, dropout and LayerNorm around it.
 
 Every MoE variant uses the same router, routes the same way and adds the Switch load-balancing and
-router z-losses; their outputs are checked against the project's block before timing. Times are medians
-over rounds; the ratio is dense / method (1.0 = as fast as dense at equal active compute). Peak memory is
+router z-losses; their outputs are checked against the project's block before timing. The table shows the
+best of the timed rounds (noise on a shared machine only adds time, in bursts; medians, CPU times and every
+sample are in the JSON); the ratio is dense / method (1.0 = as fast as dense at equal active compute). Peak memory is
 what the layer allocates during one forward+backward above what was live before (parameter gradients
 included): `torch.cuda.max_memory_allocated` on CUDA and the allocation events of `torch.profiler` on CPU
 (exact bytes from PyTorch's allocator, unlike RSS). Results: a markdown table on stdout and JSON under
@@ -25,9 +26,12 @@ included): `torch.cuda.max_memory_allocated` on CUDA and the allocation events o
     python bench/bench_moe.py --quick           # about a minute on 2 cores
     python bench/bench_moe.py --profile         # the full grid (tens of minutes on 2 CPU cores)
 
-On a CPU shared with other jobs, set `OMP_WAIT_POLICY=PASSIVE`: with OpenMP's default spin-waiting every
-parallel region waits for whichever of its threads is descheduled, which penalises the variant with the
-most (small) ops rather than measuring it. The policy in force is recorded in the JSON.
+On CPU, `THP_MEM_ALLOC_ENABLE=1` makes PyTorch back allocations of 2 MB and more with transparent huge
+pages, so fresh activation and gradient buffers are not paid for in 4 KB page faults (which otherwise cost
+the MoE layer, whose weight gradients are E times the dense layer's, up to a third of a weight-gradient
+matmul). With OpenMP's default wait policy idle threads spin before sleeping; `OMP_WAIT_POLICY=PASSIVE`
+makes every parallel region wake a sleeping thread, which costs the variants with many small ops up to 1.6x
+on a quiet machine but protects them from a busy neighbour. Both settings are recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -502,6 +506,7 @@ def bench_config(
         results[name] = dict(
             ms=ms,
             ratio=dense_ms / ms,
+            min_ms=min(samples) * 1e3,
             min_ratio=min(wall[DENSE]) / min(samples),
             cpu_ms=cpu_ms,
             cpu_ratio=dense_cpu_ms / cpu_ms,
@@ -655,6 +660,7 @@ def machine_description(device: torch.device, threads: int) -> dict:
         torch=torch.__version__,
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "(unset)"),
         device=str(device),
         python=platform.python_version(),
     )
@@ -664,7 +670,11 @@ def machine_description(device: torch.device, threads: int) -> dict:
 
 
 def markdown_tables(rows: list[dict], methods: list[str]) -> str:
-    """One table of ms (ratio dense / method) and, when measured, one of peak MB (ratio method / dense)."""
+    """One table of ms (ratio dense / method) and, when measured, one of peak MB (ratio method / dense).
+
+    Times are the best of the rounds: on a shared machine the noise only ever adds time, in bursts that
+    can double a sample, so the minimum is the steadiest estimate of what the code costs.
+    """
     header = ["shape", "tokens", "experts", "top-k"] + methods
 
     def table(title: str, value_key: str, ratio_key: str) -> list[str]:
@@ -683,9 +693,10 @@ def markdown_tables(rows: list[dict], methods: list[str]) -> str:
         return lines
 
     lines = table(
-        "Forward+backward time, ms (dense ÷ method: 1.0 = as fast as dense at equal active compute)",
-        "ms",
-        "ratio",
+        "Forward+backward time, best of the timed rounds, ms (dense ÷ method: 1.0 = as fast as dense at equal"
+        " active compute; medians and every sample are in the JSON)",
+        "min_ms",
+        "min_ratio",
     )
     if any("peak_mb" in r for row in rows for r in row["methods"].values()):
         lines += [""] + table(

@@ -8,6 +8,7 @@ baseline, a dense model whose discriminator FFN is top-2 x 1024 wide (`dense-2x`
 as the top-2 MoE models, same generator), and the study's six MoE configurations (experts {2, 4, 8} x
 top-k {1, 2}), one step of each per round, interleaved. The ratio is the MoE model's tokens/s divided by
 that of the dense model with the same active compute (dense for top-1, dense-2x for top-2): 1.0 = as fast.
+Step times are the best of the timed rounds (medians and every sample are in the JSON), as in bench_moe.
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary: articles -> tokenize -> pack into 128-token blocks
@@ -211,7 +212,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
     tokens = batch * SEQ_LEN
     rows = []
     for name, run in runs.items():
-        seconds = statistics.median(run["times"])
+        seconds = min(run["times"])
         reference = runs[run["config"]["reference"]]
         rows.append(
             dict(
@@ -223,7 +224,9 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 tokens_per_step=tokens,
                 step_s=seconds,
                 tokens_per_s=tokens / seconds,
-                ratio=statistics.median(reference["times"]) / seconds,
+                ratio=min(reference["times"]) / seconds,
+                median_step_s=statistics.median(run["times"]),
+                median_ratio=statistics.median(reference["times"]) / statistics.median(run["times"]),
                 cpu_ratio=statistics.median(reference["cpu"]) / statistics.median(run["cpu"]),
                 samples_s=run["times"],
                 final_loss=run["loss"],
