@@ -16,12 +16,13 @@ For each shape (ELECTRA-Small: hidden 256, experts of 1024, 128 x 128 tokens; EL
 Every MoE variant uses the same router, routes the same way and adds the Switch load-balancing and
 router z-losses; their outputs are checked against the project's block before timing. The table shows the
 best of the timed rounds (noise on a shared machine only adds time, in bursts; medians, CPU times and every
-sample are in the JSON); the ratio is dense / method (1.0 = as fast as dense at equal active compute). Peak memory is
-what the layer allocates during one forward+backward above what was live before (parameter gradients
-included): `torch.cuda.max_memory_allocated` on CUDA and the allocation events of `torch.profiler` on CPU
-(exact bytes from PyTorch's allocator, unlike RSS). Results: a markdown table on stdout and JSON under
-`bench/results/`. `--profile` adds a `torch.profiler` pass over the block at the largest expert count
-(op table in the JSON, time split into router, sort, gather/scatter, expert matmuls and the rest printed).
+sample are in the JSON); the ratio is dense / method (1.0 = as fast as dense at equal active compute).
+Peak memory is what the layer allocates during one forward+backward above what was live before (parameter
+gradients included): `torch.cuda.max_memory_allocated` on CUDA and the allocation events of
+`torch.profiler` on CPU (exact bytes from PyTorch's allocator, unlike RSS). Results: a markdown table on
+stdout and JSON under `bench/results/`. `--profile` adds a `torch.profiler` pass over the block at the
+largest expert count (op table in the JSON, time split into router, sort, gather/scatter, expert matmuls
+and the rest printed).
 
     python bench/bench_moe.py --quick           # about a minute on 2 cores
     python bench/bench_moe.py --profile         # the full grid (tens of minutes on 2 CPU cores)

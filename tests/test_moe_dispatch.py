@@ -158,10 +158,11 @@ FEW_EXPERTS, MANY_EXPERTS = 8, 32
 PEAK_RATIO_LIMIT = 1.3
 
 
-def allocations(method: str, num_experts: int):
-    shape = Shape("alloc", ALLOC_HIDDEN, ALLOC_EXPERT, ALLOC_TOKENS // 64, 64, (num_experts,), (ALLOC_TOP_K,))
+def step_allocations(shape: Shape, num_experts: int, top_k: int, method: str):
+    """Allocation stats of one training step of a benchmark layer (after a warm-up step), and its parameter
+    bytes; the peak includes parameter gradients, as bench_moe measures it."""
     torch.manual_seed(0)
-    module = build_methods(shape, num_experts, ALLOC_TOP_K, (method,), dtype_bytes=4)[0][method].train()
+    module = build_methods(shape, num_experts, top_k, (method,), dtype_bytes=4)[0][method].train()
     x = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
     grad_out = torch.randn_like(x)
     forward_backward(module, x, grad_out, torch.float32)
@@ -169,6 +170,11 @@ def allocations(method: str, num_experts: int):
     stats = cpu_allocation_stats(lambda: forward_backward(module, x, grad_out, torch.float32))
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     return stats, param_bytes
+
+
+def allocations(method: str, num_experts: int):
+    shape = Shape("alloc", ALLOC_HIDDEN, ALLOC_EXPERT, ALLOC_TOKENS // 64, 64, (num_experts,), (ALLOC_TOP_K,))
+    return step_allocations(shape, num_experts, ALLOC_TOP_K, method)
 
 
 @pytest.mark.parametrize("implementation", ["loop", "grouped_mm"])
@@ -191,23 +197,12 @@ def test_no_allocation_proportional_to_experts_times_tokens_times_hidden(impleme
     assert many.peak - many_params <= PEAK_RATIO_LIMIT * (dense.peak - dense_params)
 
 
-def peak_bytes(shape: Shape, num_experts: int, top_k: int, method: str) -> int:
-    """Peak bytes of one training step of a benchmark layer, parameter gradients included (as bench_moe)."""
-    torch.manual_seed(0)
-    module = build_methods(shape, num_experts, top_k, (method,), dtype_bytes=4)[0][method].train()
-    x = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
-    grad_out = torch.randn_like(x)
-    forward_backward(module, x, grad_out, torch.float32)
-    clear_grads(module, x)
-    return cpu_allocation_stats(lambda: forward_backward(module, x, grad_out, torch.float32)).peak
-
-
 def test_peak_memory_at_base_proportions_stays_within_the_target():
     """Base shapes with 16 experts top-1 (8,192 tokens, hidden 768, experts of 3,072) scaled down 8x in
     tokens and widths: each expert's weights outweigh its activations, so a backward that holds every
     expert's weight gradient and then stacks them (autograd's loop: 1.37x) misses the 1.3x target."""
     shape = Shape("base/8", 96, 384, 2, 512, (16,), (1,))
-    peaks = {method: peak_bytes(shape, 16, 1, method) for method in ("dense", "loop")}
+    peaks = {method: step_allocations(shape, 16, 1, method)[0].peak for method in ("dense", "loop")}
     assert peaks["loop"] <= PEAK_RATIO_LIMIT * peaks["dense"]
 
 
