@@ -15,8 +15,9 @@ For each shape (ELECTRA-Small: hidden 256, experts of 1024, 128 x 128 tokens; EL
 
 Every MoE variant uses the same router, routes the same way and adds the Switch load-balancing and
 router z-losses; their outputs are checked against the project's block before timing. The table shows the
-best of the timed rounds (noise on a shared machine only adds time, in bursts; medians, CPU times and every
-sample are in the JSON); the ratio is dense / method (1.0 = as fast as dense at equal active compute).
+best of the timed rounds (noise on a shared machine only adds time, in bursts; medians, CPU times, the
+per-round paired ratio and every sample are in the JSON); the ratio is dense / method (1.0 = as fast as
+dense at equal active compute).
 Peak memory is what the layer allocates during one forward+backward above what was live before (parameter
 gradients included): `torch.cuda.max_memory_allocated` on CUDA and the allocation events of
 `torch.profiler` on CPU (exact bytes from PyTorch's allocator, unlike RSS). Results: a markdown table on
@@ -111,6 +112,31 @@ def add_common_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
 
 
+def add_grid_args(parser: argparse.ArgumentParser) -> None:
+    """Which (shape, experts, top-k) cases to run (bench_expert_gemms.py imports this and `config_grid`)."""
+    parser.add_argument("--shapes", nargs="+", choices=("small", "base"), default=("small", "base"))
+    parser.add_argument("--experts", type=int, nargs="+", help="override the expert counts")
+    parser.add_argument("--top_k", type=int, nargs="+", help="override the top-k values")
+    parser.add_argument("--tokens", type=int, help="override the tokens per batch (a multiple of seq_len)")
+
+
+def config_grid(args: argparse.Namespace) -> list[tuple[Shape, int, int]] | None:
+    """(shape, num_experts, top_k) for every requested case; None, after saying why, if --tokens does not fit."""
+    shapes = [QUICK] if args.quick else [s for s in (SMALL, BASE) if s.name in args.shapes]
+    configs = []
+    for shape in shapes:
+        if args.tokens:
+            if args.tokens % shape.seq_len:
+                print(f"error: --tokens must be a multiple of seq_len {shape.seq_len}", file=sys.stderr)
+                return None
+            shape = Shape(**{**shape.__dict__, "batch": args.tokens // shape.seq_len})
+        for num_experts in args.experts or shape.experts:
+            for top_k in args.top_k or shape.top_ks:
+                if top_k <= num_experts:
+                    configs.append((shape, num_experts, top_k))
+    return configs
+
+
 def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, check the shared options and resolve `--device auto` to cuda when available, else cpu."""
     args = parser.parse_args(argv)
@@ -128,10 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(parser, quick_help="small shapes, 8,192 tokens, 8 and 64 experts, top-2")
-    parser.add_argument("--shapes", nargs="+", choices=("small", "base"), default=("small", "base"))
-    parser.add_argument("--experts", type=int, nargs="+", help="override the expert counts")
-    parser.add_argument("--top_k", type=int, nargs="+", help="override the top-k values")
-    parser.add_argument("--tokens", type=int, help="override the tokens per batch (a multiple of seq_len)")
+    add_grid_args(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--profile", action="store_true", help="also profile the block at the largest E")
@@ -463,7 +486,8 @@ def time_methods(
     """Interleaved rounds (the method order rotates each round) so machine noise hits all methods alike.
 
     Returns wall-clock and process CPU seconds per step; on a shared machine the CPU time is the steadier
-    of the two (it leaves out time spent descheduled).
+    of the two (it leaves out time spent descheduled). Sample i of every method comes from round i, so
+    `paired_ratio` (the median over rounds of dense / method) compares steps taken seconds apart.
     """
     names = list(modules)
     wall: dict[str, list[float]] = {name: [] for name in names}
@@ -480,6 +504,15 @@ def time_methods(
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
     return wall, cpu
+
+
+def routed_tokens_per_expert(modules: dict[str, nn.Module], x: torch.Tensor, num_experts: int) -> list[int]:
+    """How many token slots the shared router sends to each expert for this input (the load balance)."""
+    moe = next(module for name, module in modules.items() if name != DENSE)
+    router = moe.block.router if isinstance(moe, ProjectMoE) else moe.router
+    with torch.no_grad():
+        top_ids = router(x.reshape(-1, x.shape[-1]))[3]
+    return torch.bincount(top_ids.reshape(-1), minlength=num_experts).tolist()
 
 
 def bench_config(
@@ -511,6 +544,7 @@ def bench_config(
             min_ratio=min(wall[DENSE]) / min(samples),
             cpu_ms=cpu_ms,
             cpu_ratio=dense_cpu_ms / cpu_ms,
+            paired_ratio=statistics.median(d / t for d, t in zip(wall[DENSE], samples, strict=True)),
             samples_ms=[t * 1e3 for t in samples],
             param_grad_mb=sum(p.numel() * p.element_size() for p in modules[name].parameters()) / 2**20,
         )
@@ -533,6 +567,7 @@ def bench_config(
         methods=results,
         skipped=skipped,
         load_average=(load_before, os.getloadavg()[0]),
+        tokens_per_expert=routed_tokens_per_expert(modules, x, num_experts),
     )
 
 
@@ -668,6 +703,7 @@ def machine_description(device: torch.device, threads: int) -> dict:
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"),
         thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "(unset)"),
+        malloc_env={name: value for name, value in os.environ.items() if name.startswith("MALLOC_")},
         device=str(device),
         python=platform.python_version(),
     )
@@ -728,18 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    shapes = [QUICK] if args.quick else [s for s in (SMALL, BASE) if s.name in args.shapes]
-    configs = []
-    for shape in shapes:
-        if args.tokens:
-            if args.tokens % shape.seq_len:
-                print(f"error: --tokens must be a multiple of seq_len {shape.seq_len}", file=sys.stderr)
-                return 2
-            shape = Shape(**{**shape.__dict__, "batch": args.tokens // shape.seq_len})
-        for num_experts in args.experts or shape.experts:
-            for top_k in args.top_k or shape.top_ks:
-                if top_k <= num_experts:
-                    configs.append((shape, num_experts, top_k))
+    configs = config_grid(args)
+    if configs is None:
+        return 2
 
     started = time.perf_counter()
     rows = []
