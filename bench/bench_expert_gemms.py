@@ -10,8 +10,9 @@ in the measurement:
 - `per_expert`: E matmuls per kind on [tokens * top_k / E]-row slices (`mm(..., out=)`), which is what
   every per-expert loop pays;
 - `bmm`: one `torch.bmm` over the E equal slices: a batched kernel that can spread whole experts over the
-  threads. Real routing is not balanced (the untrained router of bench_moe.py gives 64 experts 134 to 374
-  tokens each), so a loop cannot use it without padding every expert to the largest.
+  threads. Real routing is not balanced (at Small shapes the untrained router of bench_moe.py gives 64
+  experts 142 to 378 tokens each: `tokens_per_expert` in its JSON), so a loop cannot use it without padding
+  every expert to the largest.
 
 The kinds: `up` x @ W_in, `down` h @ W_out, `grad_hidden` dy @ W_out^T, `grad_w_out` h^T @ dy,
 `grad_w_in` x^T @ dh, `grad_input` dh @ W_in^T. The ratio dense / per_expert over all six is a ceiling
@@ -105,10 +106,14 @@ def matmul_runner(method: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
 
 
 def bench_config(
-    shape: Shape, num_experts: int, top_k: int, args: argparse.Namespace, device: torch.device
+    shape: Shape,
+    num_experts: int,
+    top_k: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict:
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = shape.tokens
     # dense: one group of all tokens, width top_k x expert; experts: E groups of tokens * top_k / E rows.
     dense = matmul_operands(tokens, shape.hidden, top_k * shape.expert, 1, device, dtype)
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = config_grid(args)
     if configs is None:
         return 2
@@ -200,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     started = time.perf_counter()
-    rows = [bench_config(shape, e, k, args, device) for shape, e, k in tqdm(configs, desc="configs")]
+    rows = [bench_config(shape, e, k, args, device, dtype) for shape, e, k in tqdm(configs, desc="configs")]
     payload = dict(
         benchmark="bench_expert_gemms",
         command="python bench/bench_expert_gemms.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         machine=machine_description(device, args.threads),
+        dtype=str(dtype).removeprefix("torch."),
         repeats=args.repeats,
         rows=rows,
         wall_s=time.perf_counter() - started,
