@@ -38,11 +38,26 @@ PRESETS: dict[str, dict[str, int]] = {
         intermediate_size=3072,
         embedding_size=768,
     ),
+    "large": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        embedding_size=1024,
+    ),
 }
 # Generator width as a fraction of the discriminator's (ELECTRA paper, Section 3.2 and Table 6).
-GENERATOR_SIZE_BY_PRESET = {"tiny": 1 / 4, "small": 1 / 4, "base": 1 / 3}
+GENERATOR_SIZE_BY_PRESET = {"tiny": 1 / 4, "small": 1 / 4, "base": 1 / 3, "large": 1 / 4}
 # ELECTRA-Small uses 128-token sequences, Base 512.
 MAX_POSITION_EMBEDDINGS = 512
+
+
+def preset_name(hidden_size: int | None, num_hidden_layers: int | None) -> str | None:
+    """The preset with this width and depth (how a saved config's size is named), or None."""
+    for name, preset in PRESETS.items():
+        if (preset["hidden_size"], preset["num_hidden_layers"]) == (hidden_size, num_hidden_layers):
+            return name
+    return None
 
 
 @strict
@@ -144,7 +159,7 @@ class ElectraMoEConfig(ElectraConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ElectraMoEConfig:
-        """Build a config from an ELECTRA paper size (`tiny`, `small`, `base`) plus overrides."""
+        """Build a config from an ELECTRA paper size (`tiny`, `small`, `base`, `large`) plus overrides."""
         if name not in PRESETS:
             raise ValueError(f"model size must be one of {sorted(PRESETS)}, got {name!r}")
         kwargs: dict[str, Any] = dict(

@@ -66,7 +66,7 @@ GEN_WEIGHT = 1.0
 DISC_WEIGHT = 50.0
 
 # --- Optimisation (ELECTRA paper, Table 6) ------------------------------------------------------------------
-LEARNING_RATE_BY_PRESET = {"tiny": 5e-4, "small": 5e-4, "base": 2e-4}
+LEARNING_RATE_BY_PRESET = {"tiny": 5e-4, "small": 5e-4, "base": 2e-4, "large": 2e-4}
 WEIGHT_DECAY = 0.01
 NO_DECAY_KEYS = ("LayerNorm", "layer_norm", "bias")
 ADAM_BETAS = (0.9, 0.999)

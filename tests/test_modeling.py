@@ -26,7 +26,7 @@ from modeling_electra import (
     ElectraMoEModel,
     upcycle_dense_to_moe,
 )
-from modeling_electra_config import PRESETS, make_generator_config
+from modeling_electra_config import PRESETS, make_generator_config, preset_name
 
 TINY = dict(
     vocab_size=120,
@@ -408,7 +408,25 @@ def test_presets_and_generator_sizes():
         3072,
         768,
     )
-    assert set(PRESETS) == {"tiny", "small", "base"}
+    assert set(PRESETS) == {"tiny", "small", "base", "large"}
+    large = ElectraMoEConfig.from_preset("large")
+    assert (
+        large.hidden_size,
+        large.num_hidden_layers,
+        large.num_attention_heads,
+        large.intermediate_size,
+    ) == (
+        1024,
+        24,
+        16,
+        4096,
+    )
+    assert [preset_name(c.hidden_size, c.num_hidden_layers) for c in (small, base, large)] == [
+        "small",
+        "base",
+        "large",
+    ]
+    assert preset_name(300, 12) is None
     gen_small = make_generator_config(small)
     assert (gen_small.hidden_size, gen_small.num_attention_heads, gen_small.intermediate_size) == (64, 1, 256)
     assert gen_small.embedding_size == 128 and gen_small.vocab_size == 30522 and gen_small.num_experts == 1

@@ -1,0 +1,65 @@
+"""How the project writes results: atomically (a crash never leaves half a file or folder) and as tables.
+
+One place for both, so every script (pretraining, GLUE, gathering, benchmarks) writes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TABLE_FORMATS = ("markdown", "latex")
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a file or directory under a temporary sibling name, then rename it into place.
+
+    `write(tmp)` creates `tmp`. A crash leaves no partial `final`. If `final` is a directory that already
+    exists (another process finished the same content first), the new copy is discarded; an existing file
+    is replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    remove(tmp)
+    try:
+        write(tmp)
+        if final.is_dir():
+            remove(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomically(path: Path, payload: Any, **dump_kwargs: Any) -> None:
+    """`json.dumps(payload, indent=2)` plus a newline, written atomically; extra kwargs go to `json.dumps`."""
+    dump_kwargs.setdefault("indent", 2)
+    write_text_atomically(path, json.dumps(payload, **dump_kwargs) + "\n")
+
+
+def render_table(frame: Any, fmt: str = "markdown", index: bool = False, floatfmt: str = "g") -> str:
+    """A pandas DataFrame as a GitHub-markdown (via `tabulate`) or LaTeX (booktabs) table."""
+    if fmt == "markdown":
+        return frame.to_markdown(index=index, floatfmt=floatfmt)
+    if fmt == "latex":
+        float_format = (lambda v: format(v, floatfmt)) if floatfmt else None
+        return frame.to_latex(index=index, float_format=float_format)
+    raise ValueError(f"table format must be one of {TABLE_FORMATS}, got {fmt!r}")
