@@ -102,3 +102,39 @@ def test_ruff_is_clean():
     assert check.returncode == 0, check.stdout + check.stderr
     fmt = subprocess.run([ruff, "format", "--check", "."], cwd=REPO_ROOT, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than '-' and '_' dropped, spaces to '-'."""
+    anchors, fence = set(), False
+    for line in text.splitlines():
+        fence ^= line.startswith("```")
+        if not fence and (heading := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_readme_and_docs_relative_links_resolve():
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in markdown_anchors(file.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert re.search(r"^make test\b", readme, re.MULTILINE), (
+        "README must give `make test` as the test command"
+    )
+    assert (REPO_ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+    assert len(readme.splitlines()) <= 300, "README over 300 lines: move details to docs/"
