@@ -520,6 +520,111 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+def encode_splits(
+    args: argparse.Namespace, task: GlueTask, splits: dict[str, datasets.Dataset], tokenizer, seed: int
+) -> tuple[dict[str, datasets.Dataset], dict[str, datasets.Dataset]]:
+    """The rows each split keeps (train: a seeded subset) and their token ids."""
+    raw = {
+        "train": limit(splits["train"], args.max_train_samples, seed) if "train" in splits else None,
+        **{s: limit(splits[s], args.max_eval_samples) for s in task.eval_splits if s in splits},
+        **{s: limit(splits[s], args.max_predict_samples) for s in task.test_splits if s in splits},
+    }
+    encoded = {s: tokenize(d, task, tokenizer, args.max_seq_length) for s, d in raw.items() if d is not None}
+    return raw, encoded
+
+
+def build_trainer(
+    args: argparse.Namespace,
+    hyper: dict[str, Any],
+    task: GlueTask,
+    model: PreTrainedModel,
+    tokenizer,
+    train_dataset: datasets.Dataset | None,
+    output_dir: Path,
+    seed: int,
+    use_bf16: bool,
+) -> LayerwiseDecayTrainer:
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=hyper["per_device_train_batch_size"],
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        learning_rate=hyper["learning_rate"],
+        weight_decay=hyper["weight_decay"],
+        adam_epsilon=hyper["adam_epsilon"],
+        num_train_epochs=hyper["num_train_epochs"],
+        warmup_steps=hyper["warmup_ratio"],
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=seed,
+        bf16=use_bf16,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=args.dataloader_num_workers,
+    )
+    return LayerwiseDecayTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=make_compute_metrics(task),
+        layerwise_lr_decay=hyper["layerwise_lr_decay"],
+    )
+
+
+def evaluate(trainer: Trainer, task: GlueTask, encoded: dict[str, datasets.Dataset]) -> None:
+    """Every labeled dev split of the task (MNLI mismatched keys get `_mm`) into eval_results.json."""
+    eval_results: dict[str, float] = {}
+    for split in task.eval_splits:
+        if split not in encoded:
+            continue
+        metrics = trainer.evaluate(eval_dataset=encoded[split], ignore_keys=NON_PREDICTION_OUTPUTS)
+        metrics["eval_samples"] = len(encoded[split])
+        if split.endswith("_mismatched"):
+            metrics = {key + MISMATCHED_SUFFIX: value for key, value in metrics.items()}
+        eval_results.update(metrics)
+    trainer.log_metrics("eval", eval_results)
+    trainer.save_metrics("eval", eval_results)
+
+
+def predict(
+    args: argparse.Namespace,
+    trainer: Trainer,
+    task: GlueTask,
+    raw: dict[str, datasets.Dataset],
+    encoded: dict[str, datasets.Dataset],
+    tokenizer,
+    out_dir: Path,
+) -> None:
+    """GLUE-server submission files for the task's test splits (MNLI: also AX, when available)."""
+    test_sets = [(task, s, raw[s], encoded[s]) for s in task.test_splits if s in encoded]
+    if task.name == "mnli":
+        diagnostic = load_diagnostic(args)
+        if diagnostic is not None:
+            diagnostic = limit(diagnostic, args.max_predict_samples)
+            ax = TASKS[DIAGNOSTIC_TASK]
+            test_sets.append(
+                (ax, "test", diagnostic, tokenize(diagnostic, ax, tokenizer, args.max_seq_length))
+            )
+    for test_task, split, rows, inputs in test_sets:
+        output = trainer.predict(inputs.remove_columns("label"), ignore_keys=NON_PREDICTION_OUTPUTS)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        path = out_dir / test_task.submission_files[split]
+        write_submission(path, test_task, rows["idx"], predictions_from_logits(test_task, logits))
+        logger.info("wrote %s (%d rows)", path.name, len(rows))
+
+
+def write_run_record(out_dir: Path, trainer: Trainer, run_config: dict[str, Any]) -> None:
+    """config.json, run_config.json and log_history.jsonl beside the results."""
+    trainer.model.config.save_pretrained(out_dir)
+    (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=json_default) + "\n")
+    with open(out_dir / "log_history.jsonl", "w", encoding="utf-8") as handle:
+        for record in trainer.state.log_history:
+            handle.write(json.dumps(record) + "\n")
+
+
 def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: str) -> Path:
     """Fine-tune / evaluate / predict one task with one seed; returns the finished run directory."""
     task = TASKS[task_name]
@@ -535,87 +640,24 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
     use_bf16 = args.bf16 and torch.cuda.is_available()
     if args.bf16 and not use_bf16:
         logger.warning("--bf16 ignored: no CUDA device (bf16 matmuls are far slower than fp32 on CPU)")
-
-    raw = {
-        "train": limit(splits["train"], args.max_train_samples, seed) if "train" in splits else None,
-        **{s: limit(splits[s], args.max_eval_samples) for s in task.eval_splits if s in splits},
-        **{s: limit(splits[s], args.max_predict_samples) for s in task.test_splits if s in splits},
-    }
-    encoded = {s: tokenize(d, task, tokenizer, args.max_seq_length) for s, d in raw.items() if d is not None}
+    raw, encoded = encode_splits(args, task, splits, tokenizer, seed)
 
     tmp_dir = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        training_args = TrainingArguments(
-            output_dir=str(tmp_dir),
-            per_device_train_batch_size=hyper["per_device_train_batch_size"],
-            per_device_eval_batch_size=args.per_device_eval_batch_size,
-            learning_rate=hyper["learning_rate"],
-            weight_decay=hyper["weight_decay"],
-            adam_epsilon=hyper["adam_epsilon"],
-            num_train_epochs=hyper["num_train_epochs"],
-            warmup_steps=hyper["warmup_ratio"],
-            lr_scheduler_type="linear",
-            logging_steps=args.logging_steps,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            seed=seed,
-            bf16=use_bf16,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=args.dataloader_num_workers,
+        trainer = build_trainer(
+            args, hyper, task, model, tokenizer, encoded.get("train"), tmp_dir, seed, use_bf16
         )
-        trainer = LayerwiseDecayTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=encoded.get("train"),
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=make_compute_metrics(task),
-            layerwise_lr_decay=hyper["layerwise_lr_decay"],
-        )
-
         if args.do_train:
             train_result = trainer.train()
-            metrics = dict(train_result.metrics, train_samples=len(encoded["train"]))
-            trainer.save_metrics("train", metrics)
-
+            trainer.save_metrics("train", dict(train_result.metrics, train_samples=len(encoded["train"])))
         if args.do_eval:
-            eval_results: dict[str, float] = {}
-            for split in task.eval_splits:
-                if split not in encoded:
-                    continue
-                metrics = trainer.evaluate(eval_dataset=encoded[split], ignore_keys=NON_PREDICTION_OUTPUTS)
-                metrics["eval_samples"] = len(encoded[split])
-                if split.endswith("_mismatched"):
-                    metrics = {key + MISMATCHED_SUFFIX: value for key, value in metrics.items()}
-                eval_results.update(metrics)
-            trainer.log_metrics("eval", eval_results)
-            trainer.save_metrics("eval", eval_results)
-
+            evaluate(trainer, task, encoded)
         if args.do_predict:
-            test_sets = [(task, s, raw[s], encoded[s]) for s in task.test_splits if s in encoded]
-            if task_name == "mnli":
-                diagnostic = load_diagnostic(args)
-                if diagnostic is not None:
-                    diagnostic = limit(diagnostic, args.max_predict_samples)
-                    ax = TASKS[DIAGNOSTIC_TASK]
-                    test_sets.append(
-                        (ax, "test", diagnostic, tokenize(diagnostic, ax, tokenizer, args.max_seq_length))
-                    )
-            for test_task, split, rows, inputs in test_sets:
-                output = trainer.predict(inputs.remove_columns("label"), ignore_keys=NON_PREDICTION_OUTPUTS)
-                logits = (
-                    output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-                )
-                path = tmp_dir / test_task.submission_files[split]
-                write_submission(path, test_task, rows["idx"], predictions_from_logits(test_task, logits))
-                logger.info("wrote %s (%d rows)", path.name, len(rows))
-
+            predict(args, trainer, task, raw, encoded, tokenizer, tmp_dir)
         if args.save_model:
             trainer.save_model(str(tmp_dir / "model"))
-        model.config.save_pretrained(tmp_dir)
         run_config = {
             "task_name": task_name,
             "seed": seed,
@@ -631,12 +673,7 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
             "args": vars(args),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
-        (tmp_dir / "run_config.json").write_text(
-            json.dumps(run_config, indent=2, default=json_default) + "\n"
-        )
-        with open(tmp_dir / "log_history.jsonl", "w", encoding="utf-8") as handle:
-            for record in trainer.state.log_history:
-                handle.write(json.dumps(record) + "\n")
+        write_run_record(tmp_dir, trainer, run_config)
         publish(tmp_dir, run_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
