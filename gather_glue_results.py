@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import numpy as np
 import pandas as pd
 
 from glue_tasks import GLUE_SCORE_TASKS, GLUE_TASKS, RESULTS_FILE, eval_metric_keys, task_score
+from modeling_electra_config import PRESETS, preset_name
+from outputs import TABLE_FORMATS, render_table, write_atomically
 
 logger = logging.getLogger("gather_glue_results")
 
@@ -45,9 +46,8 @@ SUMMARY_CSV = "glue_results_summary.csv"
 SEED_DIR = re.compile(r"seed_(-?\d+)")
 # GLUE reports scores in points.
 SCORE_SCALE = 100.0
-# ELECTRA model sizes by (hidden size, layers), for configs without a `model_size` field; tiny is our CPU preset.
-SIZE_BY_SHAPE = {(128, 4): "tiny", (256, 12): "small", (768, 12): "base", (1024, 24): "large"}
-SIZE_ORDER = ["tiny", "small", "base", "large"]
+# Tables list models from the smallest preset to the largest.
+SIZE_ORDER = list(PRESETS)
 CONFIG_COLUMNS = ["model_size", "num_experts", "top_k", "capacity_factor"]
 MISSING = "missing"
 EXIT_PROBLEMS = 1
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_summary", type=Path, help=f"summary CSV (default: <results_dir>/{SUMMARY_CSV})"
     )
-    parser.add_argument("--format", choices=["markdown", "latex"], default="markdown", help="printed table")
+    parser.add_argument("--format", choices=TABLE_FORMATS, default="markdown", help="printed table")
     parser.add_argument("--include_wnli", action="store_true", help="GLUE score over 9 tasks instead of 8")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
@@ -132,7 +132,7 @@ def model_size(config: dict[str, Any]) -> str | None:
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     if hidden is None or layers is None:
         return None
-    return SIZE_BY_SHAPE.get((hidden, layers), f"h{hidden}-l{layers}")
+    return preset_name(hidden, layers) or f"h{hidden}-l{layers}"
 
 
 def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
@@ -271,52 +271,49 @@ def capacity_default(num_experts: Any) -> str:
     return "-" if num_experts == 1 else "dropless"
 
 
-def render_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) -> str:
-    """The summary as a markdown or LaTeX (booktabs) table: mean ± std (seeds) per task run, GLUE score."""
+def summary_cells(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) -> pd.DataFrame:
+    """The printed table's cells: config, mean ± std (seeds) per task run, GLUE score, common mean."""
     latex = fmt == "latex"
     tasks = [t for t in GLUE_TASKS if (summary[f"{t}_n"] > 0).any()]
-    glue_header = f"GLUE ({9 if include_wnli else 8} tasks)"
     # Without a GLUE score for every model, also show the mean over the tasks all of them have.
     common = summary["glue_score"].isna().any() and summary["common_tasks"].iloc[0]
     any_glue = summary["glue_score"].notna().any()
-    header = ["model", "size", "experts", "top-k", "capacity", *tasks]
-    header += [glue_header] if any_glue else []
-    header += [f"mean ({common})"] if common else []
-    body = []
-    for _, row in summary.iterrows():
-        cells = [
-            str(row["model"]),
-            format_value(row["model_size"]),
-            format_value(row["num_experts"]),
-            format_value(row["top_k"]),
-            format_value(row["capacity_factor"], default=capacity_default(row["num_experts"])),
-            *[format_cell(row[f"{t}_mean"], row[f"{t}_std"], int(row[f"{t}_n"]), latex) for t in tasks],
+    escape = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}) if latex else {}
+    table = pd.DataFrame(
+        {
+            "model": [str(m).translate(escape) for m in summary["model"]],
+            "size": summary["model_size"].map(format_value),
+            "experts": summary["num_experts"].map(format_value),
+            "top-k": summary["top_k"].map(format_value),
+            "capacity": [
+                format_value(cap, default=capacity_default(n))
+                for cap, n in zip(summary["capacity_factor"], summary["num_experts"], strict=True)
+            ],
+        }
+    )
+    for task in tasks:
+        table[task] = [
+            format_cell(row[f"{task}_mean"], row[f"{task}_std"], int(row[f"{task}_n"]), latex)
+            for _, row in summary.iterrows()
         ]
-        if any_glue:
-            cells.append(MISSING if math.isnan(row["glue_score"]) else f"{row['glue_score']:.1f}")
-        cells += [f"{row['common_score']:.1f}"] if common else []
-        body.append(cells)
-    if latex:
-        escape = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"})
-        lines = [r"\begin{tabular}{" + "l" * 5 + "r" * (len(header) - 5) + "}", r"\toprule"]
-        lines.append(" & ".join(h.translate(escape) for h in header) + r" \\")
-        lines.append(r"\midrule")
-        lines += [" & ".join(c.translate(escape) for c in cells) + r" \\" for cells in body]
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines)
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 5 + ["---:"] * (len(header) - 5)) + "|",
-    ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    if any_glue:
+        glue = summary["glue_score"].map(lambda v: MISSING if math.isnan(v) else f"{v:.1f}")
+        table[f"GLUE ({9 if include_wnli else 8} tasks)"] = glue
+    if common:
+        table[f"mean ({common})"] = summary["common_score"].map(lambda v: f"{v:.1f}")
+    return table
+
+
+def format_table(summary: pd.DataFrame, fmt: str, include_wnli: bool = False) -> str:
+    """The summary as a markdown or LaTeX (booktabs) table."""
+    table = summary_cells(summary, fmt, include_wnli)
+    # Markdown: numbers keep the precision they were formatted with (capacity as given, scores to 0.1).
+    floatfmt = ["g"] * 5 + [".1f"] * (table.shape[1] - 5) if fmt == "markdown" else None
+    return render_table(table, fmt, floatfmt=floatfmt)
 
 
 def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summary_table(results, args.include_wnli)
     write_csv_atomically(long_table(results), args.output_long)
     write_csv_atomically(summary, args.output_summary)
-    print(render_table(summary, args.format, args.include_wnli))
+    print(format_table(summary, args.format, args.include_wnli))
     logger.info(
         "%d runs of %d models -> %s, %s", len(results), len(summary), args.output_long, args.output_summary
     )

@@ -60,6 +60,8 @@ from glue_tasks import (
     load_file_split,
     load_glue_dir_split,
 )
+from modeling_electra_config import PRESETS
+from outputs import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("run_glue")
 
@@ -72,10 +74,6 @@ RANDOM_INIT_SUFFIX = "_random_init"
 # ELECTRA fine-tuning hyper-parameters (Clark et al. 2020, Table 7; google-research/electra configure_finetuning.py).
 LEARNING_RATE_BY_SIZE = {"small": 3e-4, "base": 1e-4, "large": 5e-5}
 LAYERWISE_LR_DECAY_BY_SIZE = {"small": 0.8, "base": 0.8, "large": 0.9}
-# Hidden width of each ELECTRA size, to name the size of a checkpoint whose config has no `model_size`.
-HIDDEN_SIZE_BY_SIZE = {"small": 256, "base": 768, "large": 1024}
-# Our `tiny` preset (tests, CPU runs) is fine-tuned like ELECTRA-Small.
-SIZE_ALIASES = {"tiny": "small"}
 TRAIN_BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 64
 MAX_SEQ_LENGTH = 128
@@ -151,7 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--warmup_ratio", type=float, default=WARMUP_PROPORTION)
     optim.add_argument("--weight_decay", type=float, default=WEIGHT_DECAY)
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
 
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Expand the task list, fill in the default actions and refuse inconsistent flags (exit 2)."""
     args.tasks = list(
         dict.fromkeys(t for name in args.task_name for t in (GLUE_TASKS if name == "all" else [name]))
     )
@@ -181,7 +184,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_seq_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,12 +346,16 @@ def check_moe_config_is_explicit(checkpoint: str) -> None:
 
 
 def model_size_name(config: PretrainedConfig) -> str:
-    """ELECTRA size of a checkpoint: its config's `model_size`, else the size with the nearest hidden width."""
+    """The ELECTRA recipe size (small, base, large) a checkpoint is fine-tuned with.
+
+    Its config's `model_size` when ELECTRA has a recipe for it; otherwise the recipe size whose preset
+    width is nearest to the preset's width (`tiny` fine-tunes like small) or to the checkpoint's own.
+    """
     size = getattr(config, "model_size", None)
-    size = SIZE_ALIASES.get(size, size)
     if size in LEARNING_RATE_BY_SIZE:
         return size
-    return min(HIDDEN_SIZE_BY_SIZE, key=lambda name: abs(HIDDEN_SIZE_BY_SIZE[name] - config.hidden_size))
+    width = PRESETS[size]["hidden_size"] if size in PRESETS else config.hidden_size
+    return min(LEARNING_RATE_BY_SIZE, key=lambda name: abs(PRESETS[name]["hidden_size"] - width))
 
 
 def load_model(
@@ -504,16 +510,16 @@ def predictions_from_logits(task: GlueTask, logits: np.ndarray) -> np.ndarray:
 def write_submission(path: Path, task: GlueTask, idx: list[int], predictions: np.ndarray) -> None:
     """GLUE-server file: header `index<TAB>prediction`; label names for NLI tasks, ints or STS-B floats."""
     as_names = task.name in ("mnli", "qnli", "rte", DIAGNOSTIC_TASK)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("index\tprediction\n")
-        for index, value in zip(idx, predictions, strict=True):
-            if task.is_regression:
-                text = f"{float(value):.3f}"
-            elif as_names:
-                text = task.label_names[int(value)]
-            else:
-                text = str(int(value))
-            handle.write(f"{index}\t{text}\n")
+    lines = ["index\tprediction\n"]
+    for index, value in zip(idx, predictions, strict=True):
+        if task.is_regression:
+            text = f"{float(value):.3f}"
+        elif as_names:
+            text = task.label_names[int(value)]
+        else:
+            text = str(int(value))
+        lines.append(f"{index}\t{text}\n")
+    write_text_atomically(path, "".join(lines))
 
 
 def json_default(value: Any) -> Any:
@@ -586,7 +592,15 @@ def evaluate(trainer: Trainer, task: GlueTask, encoded: dict[str, datasets.Datas
             metrics = {key + MISMATCHED_SUFFIX: value for key, value in metrics.items()}
         eval_results.update(metrics)
     trainer.log_metrics("eval", eval_results)
-    trainer.save_metrics("eval", eval_results)
+    save_metrics(Path(trainer.args.output_dir), "eval", eval_results)
+
+
+def save_metrics(out_dir: Path, split: str, metrics: dict[str, Any]) -> None:
+    """`<split>_results.json`, and all_results.json merging every split, as transformers' Trainer writes them."""
+    write_json_atomically(out_dir / f"{split}_results.json", metrics, indent=4, sort_keys=True)
+    all_results = out_dir / "all_results.json"
+    merged = json.loads(all_results.read_text()) if all_results.is_file() else {}
+    write_json_atomically(all_results, {**merged, **metrics}, indent=4, sort_keys=True)
 
 
 def predict(
@@ -619,10 +633,9 @@ def predict(
 def write_run_record(out_dir: Path, trainer: Trainer, run_config: dict[str, Any]) -> None:
     """config.json, run_config.json and log_history.jsonl beside the results."""
     trainer.model.config.save_pretrained(out_dir)
-    (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=json_default) + "\n")
-    with open(out_dir / "log_history.jsonl", "w", encoding="utf-8") as handle:
-        for record in trainer.state.log_history:
-            handle.write(json.dumps(record) + "\n")
+    write_json_atomically(out_dir / "run_config.json", run_config, default=json_default)
+    history = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
+    write_text_atomically(out_dir / "log_history.jsonl", history)
 
 
 def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: str) -> Path:
@@ -651,7 +664,7 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
         )
         if args.do_train:
             train_result = trainer.train()
-            trainer.save_metrics("train", dict(train_result.metrics, train_samples=len(encoded["train"])))
+            save_metrics(tmp_dir, "train", dict(train_result.metrics, train_samples=len(encoded["train"])))
         if args.do_eval:
             evaluate(trainer, task, encoded)
         if args.do_predict:

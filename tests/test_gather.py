@@ -21,6 +21,17 @@ def summary_by_model(path):
     return pd.read_csv(path).set_index("model")
 
 
+def markdown_rows(table: str) -> list[list[str]]:
+    """The cells of a printed markdown table, header first (the separator line dropped)."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return [rows[0], *rows[2:]]
+
+
+def markdown_row(table: str, model: str) -> list[str]:
+    return next(row for row in markdown_rows(table) if row[0] == model)
+
+
 def test_summary_and_long_tables(tree, capsys):
     assert gather_glue_results.main([str(tree)]) == 0
     summary = summary_by_model(tree / "glue_results_summary.csv")
@@ -66,16 +77,23 @@ def test_summary_and_long_tables(tree, capsys):
     assert long[long.model == "original_study_4experts"]["seed"].isna().all()
 
     table = capsys.readouterr().out
-    assert "| dense | tiny | 1 | 1 | - | 21.5 ± 0.7 (2) |" in table
-    assert "| moe4_top1 | tiny | 4 | 1 | dropless |" in table
-    partial_line = next(line for line in table.splitlines() if line.startswith("| moe8_top1_partial"))
-    assert partial_line.count("missing") == 6  # five tasks and the GLUE score
-    assert "| original_study_4experts | ? | 4 | 2 | dropless |" in table
+    assert markdown_row(table, "dense")[:6] == ["dense", "tiny", "1", "1", "-", "21.5 ± 0.7 (2)"]
+    assert markdown_row(table, "moe4_top1")[:5] == ["moe4_top1", "tiny", "4", "1", "dropless"]
+    assert markdown_row(table, "moe8_top2_cap1.25")[4] == "1.25"
+    assert markdown_row(table, "moe8_top1_partial").count("missing") == 6  # five tasks and the GLUE score
+    assert markdown_row(table, "original_study_4experts")[:5] == [
+        "original_study_4experts",
+        "?",
+        "4",
+        "2",
+        "dropless",
+    ]
     # The legacy model has SST-2 and RTE only: those are the tasks every model shares.
     dense = summary.loc["dense"]
     assert dense["common_tasks"] == "sst2 rte"
     assert dense["common_score"] == pytest.approx((dense["sst2_mean"] + dense["rte_mean"]) / 2)
-    assert table.splitlines()[0].endswith("| GLUE (8 tasks) | mean (sst2 rte) |")
+    assert markdown_rows(table)[0][-2:] == ["GLUE (8 tasks)", "mean (sst2 rte)"]
+    assert markdown_row(table, "dense")[-2:] == ["65.0", f"{dense['common_score']:.1f}"]
 
 
 def test_table_shows_only_the_tasks_run_and_their_common_mean(tree, capsys):
@@ -89,8 +107,9 @@ def test_table_shows_only_the_tasks_run_and_their_common_mean(tree, capsys):
     assert gather_glue_results.main([str(tree)]) == 0
     summary = summary_by_model(tree / "glue_results_summary.csv")
     table = capsys.readouterr().out
-    header = table.splitlines()[0]
-    assert "mrpc" not in header and "GLUE" not in header and "| cola | sst2 | rte | wnli |" in header
+    header = markdown_rows(table)[0]
+    assert "mrpc" not in header and "GLUE (8 tasks)" not in header
+    assert header[5:9] == ["cola", "sst2", "rte", "wnli"]
     partial = summary.loc["moe8_top1_partial"]
     assert partial["common_tasks"] == "sst2 rte"  # the legacy model has no CoLA
     shutil.rmtree(tree / "original_study_4experts")
@@ -100,7 +119,7 @@ def test_table_shows_only_the_tasks_run_and_their_common_mean(tree, capsys):
     assert dense["common_tasks"] == "cola sst2 rte"
     expected = (dense["cola_mean"] + dense["sst2_mean"] + dense["rte_mean"]) / 3
     assert dense["common_score"] == pytest.approx(expected)
-    assert f"| {expected:.1f} |" in capsys.readouterr().out.splitlines()[2]
+    assert markdown_rows(capsys.readouterr().out)[1][-1] == f"{expected:.1f}"
 
 
 def test_include_wnli_and_latex(tree, capsys):
