@@ -3,17 +3,19 @@
 Layers listed by `config.moe_layer_indices` get an `ElectraMoEBlock`; every other layer is transformers'
 own `ElectraLayer`, so `num_experts=1` is plain ELECTRA with identical parameter names and outputs.
 
-MoE dispatch is dropless by default: each (token, expert) assignment is sorted by expert and every expert
-runs once on its contiguous slice, either in a Python loop over the slices (fastest on CPU) or with one
-`torch.nn.functional.grouped_mm` call (the CUDA path). Importing this module registers the classes with
-the transformers Auto classes under `model_type="electra_moe"`.
+An MoE block reads as router -> slots sorted by expert -> experts -> combine: the router scores every
+token; the routed (token, gate) pairs are sorted by expert (dropless by default, or cut to a capacity);
+each expert runs once on its contiguous slice of them, and each token's gated expert outputs are summed
+into the residual path. How the experts run (a loop with a hand-written backward, or `grouped_mm`) is in
+`moe_dispatch.py`. Importing this module registers the classes with the transformers Auto classes under
+`model_type="electra_moe"`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,16 @@ from transformers.models.electra.modeling_electra import (
 from transformers.utils import ModelOutput
 
 from modeling_electra_config import ElectraMoEConfig, make_generator_config
+from moe_dispatch import (
+    GELU_APPROXIMATION,
+    GROUPED_MM_ALIGNMENT,
+    ExpertSlots,
+    fused_grouped_mm_available,
+    limit_capacity,
+    run_experts_grouped_mm,
+    run_experts_loop,
+    sort_token_choice_slots,
+)
 
 __all__ = [
     "ElectraMoEConfig",
@@ -52,8 +64,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-# grouped_mm needs 16-byte aligned rows: hidden and expert sizes must be multiples of 8 (bf16).
-GROUPED_MM_ALIGNMENT = 8
 # Parameters that only exist in MoE layers; a checkpoint lacking them would silently train fresh experts.
 MOE_PARAMETER_PATTERN = re.compile(r"\.moe\.(experts|router|LayerNorm)\.")
 
@@ -125,7 +135,7 @@ class RouterOutput:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MoE block
+# MoE block: router -> slots sorted by expert -> experts -> combine (the dispatch is in moe_dispatch.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -151,159 +161,24 @@ class ElectraMoERouter(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x, self.weight.to(x.dtype))
             probs = logits.softmax(dim=-1)
-            if self.router_type == "noisy_topk":
-                selection_logits = logits
-                if self.training:
-                    noise_std = F.softplus(F.linear(x, self.noise_weight.to(x.dtype)))
-                    selection_logits = logits + torch.randn_like(logits) * noise_std
-                top_logits, top_ids = selection_logits.topk(self.top_k, dim=-1)
-                gates = top_logits.softmax(dim=-1)
-            else:
-                gates, top_ids = probs.topk(self.top_k, dim=-1)
-                if self.norm_topk_prob:
-                    gates = gates / gates.sum(dim=-1, keepdim=True)
+            gates, top_ids = self.top_k_gates(x, logits, probs)
         return logits, probs, gates, top_ids
 
-
-def scatter_add_slots(x: torch.Tensor, slot_out: torch.Tensor, slot_token: torch.Tensor) -> torch.Tensor:
-    """Sum the gated expert outputs of each token's slots into a [tokens, hidden] tensor (dropped: zero).
-
-    `index_select` for the gather and an in-place `index_add_` here, rather than `x[idx]` and a copy: on CPU
-    the backward of advanced indexing (an accumulating `index_put_`) is several times slower.
-    """
-    combined = torch.zeros(x.shape, dtype=slot_out.dtype, device=x.device)
-    return combined.index_add_(0, slot_token, slot_out)
-
-
-# Activations whose derivative the expert loop computes in closed form (`aten.gelu_backward`); any other
-# activation is differentiated by re-running it under autograd in the backward pass.
-GELU_APPROXIMATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
-
-
-def backward_may_free_saved_tensors() -> bool:
-    """Whether the running backward pass frees the graph (`retain_graph=False`), so saved tensors may go.
-
-    Asks autograd's engine through a private binding (present in the pinned torch); if it is missing the
-    answer is "no", which only costs memory.
-    """
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not keep_graph()
-
-
-class ExpertLoopFunction(torch.autograd.Function):
-    """Forward and backward of every expert on its slice of the sorted slots, written out by hand.
-
-    Autograd's version of the same loop (`unbind` the stacked weights, a graph per expert, `cat` the
-    outputs) holds every expert's weight gradient and then stacks them into a second [E, H, I] buffer: at
-    Base shapes with 16 experts its peak was 1.37x the dense layer's, and the copies cost time. Here each
-    expert's gated output is added into the result while in cache, and the backward runs in three passes
-    so that the stacked weight gradients are written in place by `mm(..., out=)` while the activations
-    they are computed from are freed expert by expert (when the graph is not retained):
-    1. gate gradient, gated output gradient, activation gradient (over the saved pre-activation), biases;
-    2. `weight_out` gradient, freeing each expert's activation;
-    3. `weight_in` gradient and each expert's input gradient, freeing its activation gradient.
-    The input is saved rather than its sorted copy and gathered again per expert in pass 3. The per-expert
-    activations live on `ctx` rather than in `save_for_backward` (which cannot free them one by one), so
-    saved-tensor hooks such as `save_on_cpu` do not see them.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x, sorted_token, sorted_gate, weight_in, bias_in, weight_out, bias_out, counts, act, gelu
-    ):
-        combined = torch.zeros_like(x)
-        per_expert = []
-        experts = zip(
-            sorted_token.split(counts),
-            sorted_gate.split(counts),
-            weight_in.unbind(0),
-            bias_in.unbind(0),
-            weight_out.unbind(0),
-            bias_out.unbind(0),
-            strict=True,
-        )
-        for token, gate, w_in, b_in, w_out, b_out in experts:
-            if token.numel() == 0:
-                per_expert.append(None)
-                continue
-            pre = torch.addmm(b_in, x.index_select(0, token), w_in)
-            hidden = F.gelu(pre, approximate=gelu) if gelu else act(pre)
-            out = torch.addmm(b_out, hidden, w_out)
-            combined.index_add_(0, token, out * gate.unsqueeze(-1))
-            per_expert.append([pre, hidden, out])
-        ctx.counts, ctx.act, ctx.gelu, ctx.per_expert = counts, act, gelu, per_expert
-        ctx.save_for_backward(x, sorted_token, sorted_gate, weight_in, weight_out)
-        return combined
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_combined):
-        x, sorted_token, sorted_gate, weight_in, weight_out = ctx.saved_tensors
-        counts = ctx.counts
-        free = backward_may_free_saved_tensors()
-        per_expert = ctx.per_expert
-        if free:
-            ctx.per_expert = None
-        else:
-            per_expert = [None if saved is None else list(saved) for saved in per_expert]
-        active = [e for e, saved in enumerate(per_expert) if saved is not None]
-        tokens = sorted_token.split(counts)
-        weights_in, weights_out = weight_in.unbind(0), weight_out.unbind(0)
-        grad_outs = grad_combined.index_select(0, sorted_token).split(counts)
-        grad_gate = torch.empty_like(sorted_gate)
-        grad_gates = grad_gate.split(counts)
-        gates = sorted_gate.split(counts)
-        grad_bias_in = weight_in.new_zeros(len(counts), weight_in.shape[2])
-        grad_bias_out = weight_out.new_zeros(len(counts), weight_out.shape[2])
-
-        for e in active:
-            pre, hidden, out = per_expert[e]
-            grad_out = grad_outs[e]
-            torch.sum(grad_out * out, dim=-1, out=grad_gates[e])
-            grad_out.mul_(gates[e].unsqueeze(-1))
-            torch.sum(grad_out, dim=0, out=grad_bias_out[e])
-            grad_hidden = torch.mm(grad_out, weights_out[e].t())
-            if ctx.gelu:
-                grad_pre = torch.ops.aten.gelu_backward.grad_input(
-                    grad_hidden, pre, approximate=ctx.gelu, grad_input=pre if free else torch.empty_like(pre)
-                )
-            else:
-                with torch.enable_grad():
-                    leaf = pre.detach().requires_grad_()
-                    (grad_pre,) = torch.autograd.grad(ctx.act(leaf), leaf, grad_hidden)
-            torch.sum(grad_pre, dim=0, out=grad_bias_in[e])
-            per_expert[e] = [grad_pre, hidden]
-            del pre, hidden, out, grad_out, grad_hidden, grad_pre
-
-        full = len(active) == len(counts)
-        grad_weight_out = torch.empty_like(weight_out) if full else torch.zeros_like(weight_out)
-        for e in active:
-            torch.mm(per_expert[e].pop().t(), grad_outs[e], out=grad_weight_out[e])
-        del grad_outs
-
-        grad_weight_in = torch.empty_like(weight_in) if full else torch.zeros_like(weight_in)
-        grad_chunks = []
-        for e in active:
-            (grad_pre,) = per_expert[e]
-            per_expert[e] = None
-            torch.mm(x.index_select(0, tokens[e]).t(), grad_pre, out=grad_weight_in[e])
-            grad_chunks.append(torch.mm(grad_pre, weights_in[e].t()))
-            del grad_pre
-        grad_x = torch.zeros_like(x)
-        for e, grad_chunk in zip(active, grad_chunks, strict=True):
-            grad_x.index_add_(0, tokens[e], grad_chunk)
-        return (
-            grad_x,
-            None,
-            grad_gate,
-            grad_weight_in,
-            grad_bias_in,
-            grad_weight_out,
-            grad_bias_out,
-            None,
-            None,
-            None,
-        )
+    def top_k_gates(
+        self, x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k gates and expert ids (noisy top-k: softmax over the noisy top-k logits)."""
+        if self.router_type == "noisy_topk":
+            selection_logits = logits
+            if self.training:
+                noise_std = F.softplus(F.linear(x, self.noise_weight.to(x.dtype)))
+                selection_logits = logits + torch.randn_like(logits) * noise_std
+            top_logits, top_ids = selection_logits.topk(self.top_k, dim=-1)
+            return top_logits.softmax(dim=-1), top_ids
+        gates, top_ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates, top_ids
 
 
 class ElectraMoEExperts(nn.Module):
@@ -311,8 +186,8 @@ class ElectraMoEExperts(nn.Module):
 
     Expert e computes `act(x @ weight_in[e] + bias_in[e]) @ weight_out[e] + bias_out[e]`, the same function
     as ELECTRA's `intermediate.dense` + `output.dense` (whose weights are the transposes). Both dispatch
-    paths take the routed slots sorted by expert (token index, gate, per-expert counts) and return
-    `sum over slots of gate * expert(x[token])` per token.
+    paths take the routed slots sorted by expert and return `sum over slots of gate * expert(x[token])`
+    per token.
     """
 
     def __init__(self, config: ElectraMoEConfig):
@@ -337,45 +212,14 @@ class ElectraMoEExperts(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward_loop(
-        self, x: torch.Tensor, sorted_token: torch.Tensor, sorted_gate: torch.Tensor, counts: list[int]
-    ) -> torch.Tensor:
-        """Each expert once on its contiguous slice of the sorted slots, in a Python loop (the CPU path)."""
+    def forward(self, x: torch.Tensor, slots: ExpertSlots, grouped_mm: bool) -> torch.Tensor:
+        """[tokens, hidden]: each token's gate-weighted sum of its experts' outputs (0 if no expert took it)."""
         dtype = self.compute_dtype(x)
-        return ExpertLoopFunction.apply(
-            x.to(dtype),
-            sorted_token,
-            sorted_gate.to(dtype),
-            self.weight_in.to(dtype),
-            self.bias_in.to(dtype),
-            self.weight_out.to(dtype),
-            self.bias_out.to(dtype),
-            counts,
-            self.act,
-            self.gelu_approximation,
-        )
-
-    def forward_grouped(
-        self,
-        x: torch.Tensor,
-        sorted_token: torch.Tensor,
-        sorted_gate: torch.Tensor,
-        counts: torch.Tensor,
-        sorted_expert: torch.Tensor,
-    ) -> torch.Tensor:
-        """All experts in two `grouped_mm` calls over the sorted slots (the CUDA bf16 path).
-
-        No host sync: the group offsets stay on the device. Biases are added in place (grouped_mm's backward
-        does not need its output), sparing a (tokens*top_k, intermediate) temporary.
-        """
-        dtype = self.compute_dtype(x)
-        offsets = counts.cumsum(0).to(torch.int32)
-        x_sorted = x.to(dtype).index_select(0, sorted_token)
-        hidden = F.grouped_mm(x_sorted, self.weight_in.to(dtype), offs=offsets)
-        hidden = self.act(hidden.add_(self.bias_in.to(dtype).index_select(0, sorted_expert)))
-        out = F.grouped_mm(hidden, self.weight_out.to(dtype), offs=offsets)
-        out = out.add_(self.bias_out.to(dtype).index_select(0, sorted_expert))
-        return scatter_add_slots(x, out * sorted_gate.to(dtype).unsqueeze(-1), sorted_token)
+        weights = tuple(w.to(dtype) for w in (self.weight_in, self.bias_in, self.weight_out, self.bias_out))
+        slots = replace(slots, gate=slots.gate.to(dtype))
+        if grouped_mm:
+            return run_experts_grouped_mm(x.to(dtype), slots, weights, self.act)
+        return run_experts_loop(x.to(dtype), slots, weights, self.act, self.gelu_approximation)
 
 
 class ElectraMoEBlock(nn.Module):
@@ -401,80 +245,45 @@ class ElectraMoEBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+    def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """`auto`: grouped_mm only where torch has a fused kernel for it (and sizes are aligned), else the loop."""
         if self.implementation == "auto":
-            return x.is_cuda and self.grouped_mm_aligned
+            return self.grouped_mm_aligned and fused_grouped_mm_available(device, dtype)
         return self.implementation == "grouped_mm"
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, RouterOutput]:
         """`token_mask` (bool, same leading shape as `hidden_states`) marks real tokens; padding is not routed."""
-        hidden_size = hidden_states.shape[-1]
-        x = hidden_states.reshape(-1, hidden_size)
-        num_tokens = x.shape[0]
-        logits, probs, gates, top_ids = self.router(x)
-
-        # Choice-major order (all first choices, then all second choices, ...): a stable sort by expert then
-        # gives first choices priority when capacity is limited, as in GShard/Switch.
-        slot_expert = top_ids.t().reshape(-1)
-        slot_gate = gates.t().reshape(-1)
-        slot_token = torch.arange(num_tokens, device=x.device).repeat(self.top_k)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
         valid = token_mask.reshape(-1) if token_mask is not None else None
-        if valid is not None:
-            slot_valid = valid.repeat(self.top_k)
-            slot_expert, slot_gate, slot_token = (
-                slot_expert[slot_valid],
-                slot_gate[slot_valid],
-                slot_token[slot_valid],
-            )
-        num_routed = slot_expert.numel()
-
-        order = torch.argsort(slot_expert, stable=True)
-        sorted_expert = slot_expert.index_select(0, order)
-        sorted_token = slot_token.index_select(0, order)
-        sorted_gate = slot_gate.index_select(0, order)
-        counts = torch.bincount(sorted_expert, minlength=self.num_experts)
-        routed_counts = counts
-
-        if self.capacity_factor is not None:
-            num_valid_tokens = num_routed // self.top_k
-            capacity = math.ceil(self.capacity_factor * num_valid_tokens * self.top_k / self.num_experts)
-            starts = counts.cumsum(0) - counts
-            position_in_expert = torch.arange(num_routed, device=x.device) - starts.index_select(
-                0, sorted_expert
-            )
-            keep = position_in_expert < capacity
-            sorted_expert, sorted_token, sorted_gate = (
-                sorted_expert[keep],
-                sorted_token[keep],
-                sorted_gate[keep],
-            )
-            counts = counts.clamp(max=capacity)
-
-        if self.use_grouped_mm(x):
-            combined = self.experts.forward_grouped(x, sorted_token, sorted_gate, counts, sorted_expert)
-        else:
-            combined = self.experts.forward_loop(x, sorted_token, sorted_gate, counts.tolist())
-
+        logits, probs, gates, top_ids = self.router(x)
+        routed = sort_token_choice_slots(top_ids, gates, valid, self.num_experts)
+        slots = routed if self.capacity_factor is None else limit_capacity(routed, self.capacity(routed))
+        grouped_mm = self.use_grouped_mm(x.device, self.experts.compute_dtype(x))
+        combined = self.experts(x, slots, grouped_mm)
         layer_output = self.LayerNorm(self.dropout(combined.view_as(hidden_states)) + hidden_states)
-        router = self.router_statistics(logits, probs, valid, routed_counts, sorted_token.numel(), num_routed)
-        return layer_output, router
+        return layer_output, self.router_statistics(logits, probs, valid, routed, slots)
+
+    def capacity(self, routed: ExpertSlots) -> int:
+        """Switch capacity: ceil(capacity_factor x routed slots / experts) slots per expert."""
+        num_valid_tokens = routed.token.numel() // self.top_k
+        return math.ceil(self.capacity_factor * num_valid_tokens * self.top_k / self.num_experts)
 
     def router_statistics(
         self,
         logits: torch.Tensor,
         probs: torch.Tensor,
         valid: torch.Tensor | None,
-        routed_counts: torch.Tensor,
-        num_kept: int,
-        num_routed: int,
+        routed: ExpertSlots,
+        kept: ExpertSlots,
     ) -> RouterOutput:
         """Switch load-balancing loss, ST-MoE z-loss and detached load statistics over real tokens."""
         if valid is not None:
             logits, probs = logits[valid], probs[valid]
+        num_routed, num_kept = routed.token.numel(), kept.token.numel()
         total = max(num_routed, 1)
-        fraction_routed = routed_counts.float() / total
+        fraction_routed = routed.counts.float() / total
         mean_prob = probs.mean(dim=0) if probs.shape[0] else probs.new_zeros(self.num_experts)
         aux_loss = self.num_experts * torch.sum(fraction_routed * mean_prob)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean() if logits.shape[0] else logits.new_zeros(())

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -45,8 +46,8 @@ from bench.bench_moe import (  # noqa: E402
     machine_description,
     parse_common_args,
     synchronize,
-    write_json,
 )
+from outputs import render_table, write_json_atomically  # noqa: E402
 
 METHODS = ("dense", "per_expert", "bmm")
 KINDS = ("up", "down", "grad_hidden", "grad_w_out", "grad_w_in", "grad_input")
@@ -161,16 +162,11 @@ def bench_config(
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["shape", "experts", "top-k", "rows/expert", "method", *KINDS, "all six"]
-    lines = [
-        "Matmul time, best of the timed rounds, ms (dense ÷ method: 1.0 = as fast as one matmul over all tokens)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(header),
-    ]
+    cells = []
     for row in rows:
         for method in METHODS:
             result = row["methods"][method]
-            cells = [
+            line = [
                 row["shape"],
                 str(row["num_experts"]),
                 str(row["top_k"]),
@@ -179,13 +175,12 @@ def markdown_table(rows: list[dict]) -> str:
             ]
             for kind in KINDS:
                 ms = result["min_ms"][kind]
-                cells.append(f"{ms:.1f}" if method == "dense" else f"{ms:.1f} ({result['ratio'][kind]:.2f})")
+                line.append(f"{ms:.1f}" if method == "dense" else f"{ms:.1f} ({result['ratio'][kind]:.2f})")
             total = result["total_min_ms"]
-            cells.append(
-                f"{total:.0f}" if method == "dense" else f"{total:.0f} ({result['total_ratio']:.2f})"
-            )
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            line.append(f"{total:.0f}" if method == "dense" else f"{total:.0f} ({result['total_ratio']:.2f})")
+            cells.append(line)
+    title = "Matmul time, best of the timed rounds, ms (dense ÷ method: 1.0 = as fast as one matmul over all tokens)"
+    return "\n".join([title, "", render_table(pd.DataFrame(cells, columns=header), "markdown")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         wall_s=time.perf_counter() - started,
     )
     output = args.output or RESULTS_DIR / f"bench_expert_gemms_{device.type}.json"
-    write_json(output, payload)
+    write_json_atomically(output, payload)
     print(markdown_table(rows))
     print(f"\nwrote {output} ({payload['wall_s']:.0f} s)")
     return 0

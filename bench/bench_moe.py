@@ -39,18 +39,17 @@ on a quiet machine but protects them from a busy neighbour. Both settings are re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -61,6 +60,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_electra import ElectraMoEBlock, ElectraMoEConfig  # noqa: E402
+from modeling_electra_config import PRESETS  # noqa: E402
+from outputs import render_table, write_json_atomically  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -82,12 +83,18 @@ class Shape:
         return self.batch * self.seq_len
 
 
+def preset_shape(
+    size: str, batch: int, seq_len: int, experts: tuple[int, ...], top_ks: tuple[int, ...]
+) -> Shape:
+    """A shape with the hidden and FFN widths of the model size `size` in the config presets."""
+    preset = PRESETS[size]
+    return Shape(size, preset["hidden_size"], preset["intermediate_size"], batch, seq_len, experts, top_ks)
+
+
 # ELECTRA-Small trains on 128 sequences of 128 tokens, ELECTRA-Base (here) on 16 of 512.
-SMALL = Shape(
-    "small", hidden=256, expert=1024, batch=128, seq_len=128, experts=(2, 4, 8, 16, 64), top_ks=(1, 2)
-)
-BASE = Shape("base", hidden=768, expert=3072, batch=16, seq_len=512, experts=(2, 4, 8, 16), top_ks=(1, 2))
-QUICK = Shape("small", hidden=256, expert=1024, batch=64, seq_len=128, experts=(8, 64), top_ks=(2,))
+SMALL = preset_shape("small", batch=128, seq_len=128, experts=(2, 4, 8, 16, 64), top_ks=(1, 2))
+BASE = preset_shape("base", batch=16, seq_len=512, experts=(2, 4, 8, 16), top_ks=(1, 2))
+QUICK = preset_shape("small", batch=64, seq_len=128, experts=(8, 64), top_ks=(2,))
 
 DENSE = "dense"
 PROJECT_METHODS = ("loop", "grouped_mm")
@@ -721,19 +728,19 @@ def markdown_tables(rows: list[dict], methods: list[str]) -> str:
     header = ["shape", "tokens", "experts", "top-k"] + methods
 
     def table(title: str, value_key: str, ratio_key: str) -> list[str]:
-        lines = [title, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        cells = []
         for row in rows:
-            cells = [row["shape"], str(row["tokens"]), str(row["num_experts"]), str(row["top_k"])]
+            line = [row["shape"], str(row["tokens"]), str(row["num_experts"]), str(row["top_k"])]
             for method in methods:
                 result = row["methods"].get(method)
                 if result is None or value_key not in result:
-                    cells.append("skipped" if method in row["skipped"] else "–")
+                    line.append("skipped" if method in row["skipped"] else "–")
                 elif method == DENSE:
-                    cells.append(f"{result[value_key]:.0f}")
+                    line.append(f"{result[value_key]:.0f}")
                 else:
-                    cells.append(f"{result[value_key]:.0f} ({result[ratio_key]:.2f})")
-            lines.append("| " + " | ".join(cells) + " |")
-        return lines
+                    line.append(f"{result[value_key]:.0f} ({result[ratio_key]:.2f})")
+            cells.append(line)
+        return [title, "", render_table(pd.DataFrame(cells, columns=header), "markdown")]
 
     lines = table(
         "Forward+backward time, best of the timed rounds, ms (dense ÷ method: 1.0 = as fast as dense at equal"
@@ -750,12 +757,8 @@ def markdown_tables(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a result file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2)
-    os.replace(tmp.name, path)
+# bench_pretrain.py writes its results with the same function under this name.
+write_json = write_json_atomically
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -797,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- {name}: {total:.0f} ms in ops ({parts}); {outside:.0f} ms outside ops")
     suffix = "_quick" if args.quick else ""
     output = args.output or RESULTS_DIR / f"bench_moe_{device.type}{suffix}.json"
-    write_json(output, payload)
+    write_json_atomically(output, payload)
     print(f"\nwrote {output} ({payload['wall_s']:.0f} s)")
     return 0
 

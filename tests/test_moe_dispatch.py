@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bench.bench_moe import Shape, build_methods, clear_grads, cpu_allocation_stats, forward_backward
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, backward_may_free_saved_tensors
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
+from moe_dispatch import KEEP_GRAPH_BINDING, backward_may_free_saved_tensors, fused_grouped_mm_available
 
 TINY = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
 
@@ -69,18 +70,7 @@ def test_grouped_mm_path_runs_in_the_autocast_dtype(grouped_mm_calls):
     torch.testing.assert_close(outputs["grouped_mm"], fp32, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(num_experts=4, top_k=2),
-        dict(num_experts=4, top_k=2, hidden_act="silu", norm_topk_prob=True),
-        dict(num_experts=4, top_k=1, hidden_act="gelu_pytorch_tanh"),
-        dict(num_experts=4, top_k=2, capacity_factor=0.5),
-        dict(num_experts=8, top_k=1),
-    ],
-    ids=["gelu", "silu", "gelu-tanh", "capacity", "empty-experts"],
-)
-def test_loop_backward_passes_gradcheck(overrides):
+def assert_loop_gradients_pass_gradcheck(**overrides):
     """float64 finite differences through sort, gather, the hand-written per-expert backward (closed-form GELU
     derivatives, autograd for other activations), gates and scatter-add."""
     block = make_block(moe_implementation="loop", **overrides).double().eval()
@@ -107,6 +97,76 @@ def test_loop_backward_passes_gradcheck(overrides):
 
     inputs = [x.requires_grad_()] + [params[n].detach().clone().requires_grad_() for n in names]
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_experts=4, top_k=2),
+        dict(num_experts=4, top_k=2, hidden_act="silu", norm_topk_prob=True),
+        dict(num_experts=4, top_k=1, hidden_act="gelu_pytorch_tanh"),
+        dict(num_experts=4, top_k=2, capacity_factor=0.5),
+        dict(num_experts=8, top_k=1),
+    ],
+    ids=["gelu", "silu", "gelu-tanh", "capacity", "empty-experts"],
+)
+def test_loop_backward_passes_gradcheck(overrides):
+    assert_loop_gradients_pass_gradcheck(**overrides)
+
+
+def test_pinned_torch_has_the_keep_graph_binding():
+    """The expert loop frees activations during backward only through this private binding; without it
+    training still works (next test) but holds every expert's activations until the backward ends."""
+    binding = getattr(torch._C._autograd, KEEP_GRAPH_BINDING, None)
+    assert callable(binding), (
+        f"torch {torch.__version__} no longer has torch._C._autograd.{KEEP_GRAPH_BINDING}: "
+        "moe_dispatch.backward_may_free_saved_tensors now always keeps activations (more memory); "
+        "find the new way to ask whether the graph is retained, or pin the previous torch"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(hidden_act="gelu"), dict(hidden_act="silu")], ids=["gelu", "silu"]
+)
+def test_loop_gradients_are_correct_without_the_binding(monkeypatch, overrides):
+    """The fallback when torch drops the binding: never free saved tensors, same gradients."""
+    monkeypatch.delattr(torch._C._autograd, KEEP_GRAPH_BINDING)
+    assert_loop_gradients_pass_gradcheck(num_experts=4, top_k=2, **overrides)
+    block = make_block(moe_implementation="loop", **overrides)
+    x = torch.randn(2, 6, TINY["hidden_size"], requires_grad=True)
+    out, _ = block(x)
+    out.sum().backward()
+    grads = x.grad.clone(), block.experts.weight_in.grad.clone()
+    monkeypatch.undo()
+    x.grad = None
+    block.zero_grad()
+    block(x)[0].sum().backward()
+    torch.testing.assert_close(grads[0], x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], block.experts.weight_in.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, fused",
+    [
+        ((9, 0), torch.bfloat16, True),
+        ((10, 0), torch.bfloat16, True),
+        ((8, 0), torch.bfloat16, False),
+        ((7, 0), torch.bfloat16, False),
+        ((9, 0), torch.float16, False),
+        ((9, 0), torch.float32, False),
+    ],
+    ids=["H100-bf16", "B200-bf16", "A100-bf16", "V100-bf16", "H100-fp16", "H100-fp32"],
+)
+def test_auto_takes_grouped_mm_only_where_torch_has_a_fused_kernel(monkeypatch, capability, dtype, fused):
+    """Elsewhere torch's grouped_mm is a serial loop of mm with a host sync per group: auto takes the loop."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_grouped_mm_available(cuda, dtype) is fused
+    assert make_block(moe_implementation="auto").use_grouped_mm(cuda, dtype) is fused
+    assert not make_block(moe_implementation="auto").use_grouped_mm(cpu, torch.bfloat16)
+    assert not make_block(moe_implementation="auto", expert_intermediate_size=6).use_grouped_mm(cuda, dtype)
+    assert make_block(moe_implementation="grouped_mm").use_grouped_mm(cuda, dtype)
+    assert not make_block(moe_implementation="loop").use_grouped_mm(cuda, dtype)
 
 
 def test_loop_backward_twice_with_retain_graph():
