@@ -49,6 +49,11 @@ class GlueTask:
     splits: dict[str, str]
     submission_files: dict[str, str]
     headerless_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Regression targets are divided by this for training (ELECTRA scales STS-B's 0-5 scores to [0, 1]);
+    # predictions are multiplied back for metrics and submission files.
+    target_scale: float = 1.0
+    # ELECTRA's `double_unordered`: the training set also holds every pair in swapped order.
+    unordered_pair: bool = False
 
     @property
     def is_regression(self) -> bool:
@@ -100,6 +105,7 @@ TASKS: dict[str, GlueTask] = {
         ("sentence1", "sentence2"),
         ("not_equivalent", "equivalent"),
         ("f1", "accuracy"),
+        unordered_pair=True,
         original_columns={
             "sentence1": "#1 String",
             "sentence2": "#2 String",
@@ -108,7 +114,14 @@ TASKS: dict[str, GlueTask] = {
         },
     ),
     "stsb": _pair_task(
-        "stsb", "STS-B", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), label="score"
+        "stsb",
+        "STS-B",
+        ("sentence1", "sentence2"),
+        None,
+        ("pearson", "spearmanr"),
+        label="score",
+        target_scale=5.0,
+        unordered_pair=True,
     ),
     "qqp": _pair_task(
         "qqp",

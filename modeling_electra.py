@@ -357,6 +357,9 @@ class ElectraMoEEncoder(nn.Module):
 
 class ElectraMoEPreTrainedModel(ElectraPreTrainedModel):
     config_class = ElectraMoEConfig
+    # Every head averages its loss over the batch and ignores `num_items_in_batch`: transformers' Trainer must
+    # then divide by the accumulation steps itself (it does not when a forward accepts **kwargs).
+    accepts_loss_kwargs = False
     config: ElectraMoEConfig
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -553,14 +556,34 @@ class ElectraMoEForMaskedLM(ElectraMoEPreTrainedModel):
         return _head_output(loss, logits, out)
 
 
+class ElectraFinetuningHead(nn.Module):
+    """google-research/electra's fine-tuning head: the [CLS] hidden state, dropout 0.1, one dense layer.
+
+    (`finetune/classification/classification_tasks.py`: `get_pooled_output()` is `sequence_output[:, 0]`.)
+    """
+
+    def __init__(self, config: ElectraMoEConfig):
+        super().__init__()
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else 0.1
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(hidden_states[:, 0]))
+
+
 class ElectraMoEForSequenceClassification(ElectraMoEPreTrainedModel):
-    """ELECTRA's [CLS] classification head; `num_labels=1` is regression (STS-B)."""
+    """A [CLS] classification head on the encoder; `num_labels=1` is regression (STS-B).
+
+    `config.classifier_head` picks ELECTRA's head (`"electra"`) or transformers' (`"hf"`).
+    """
 
     def __init__(self, config: ElectraMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.electra = ElectraMoEModel(config)
-        self.classifier = ElectraClassificationHead(config)
+        head = ElectraFinetuningHead if config.classifier_head == "electra" else ElectraClassificationHead
+        self.classifier = head(config)
         self.post_init()
 
     def forward(

@@ -14,6 +14,10 @@ from transformers import ElectraConfig
 
 ROUTER_TYPES = ("softmax_topk", "noisy_topk")
 MOE_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
+# "electra": google-research/electra's fine-tuning head ([CLS] state, dropout, one dense layer to the labels);
+# "hf": transformers' ElectraClassificationHead (dense, gelu, dense). "hf" is what a config without the field
+# was trained with.
+CLASSIFIER_HEADS = ("electra", "hf")
 
 # Switch Transformer (Fedus et al. 2021) load-balancing and ST-MoE (Zoph et al. 2022) router z-loss weights.
 SWITCH_AUX_LOSS_COEF = 0.01
@@ -84,6 +88,8 @@ class ElectraMoEConfig(ElectraConfig):
         moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` on CUDA and the sorted-slice
             `loop` elsewhere.
         model_size: name of the preset the config came from (informational, used by result tables).
+        classifier_head: sequence-classification head, one of `CLASSIFIER_HEADS`: `"electra"` (ELECTRA's
+            fine-tuning head) or `"hf"` (transformers' `ElectraClassificationHead`, the default).
     """
 
     model_type = "electra_moe"
@@ -102,6 +108,7 @@ class ElectraMoEConfig(ElectraConfig):
     output_router_logits: bool = False
     moe_implementation: str = "auto"
     model_size: str | None = None
+    classifier_head: str = "hf"
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_experts == 1:
@@ -125,6 +132,10 @@ class ElectraMoEConfig(ElectraConfig):
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
+        if self.classifier_head not in CLASSIFIER_HEADS:
+            raise ValueError(
+                f"classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}"
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(

@@ -51,6 +51,7 @@ from glue_tasks import (
     DIAGNOSTIC_TASK,
     GLUE_TASKS,
     MISMATCHED_SUFFIX,
+    NO_LABEL,
     RESULTS_FILE,
     TASKS,
     GlueTask,
@@ -60,7 +61,8 @@ from glue_tasks import (
     load_file_split,
     load_glue_dir_split,
 )
-from modeling_electra_config import PRESETS
+from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig
+from optimization import SCHEDULES, make_schedule
 from outputs import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("run_glue")
@@ -88,6 +90,8 @@ LOGGING_STEPS = 50
 # Model outputs that are router statistics, not predictions: left out when the Trainer gathers logits.
 NON_PREDICTION_OUTPUTS = ["hidden_states", "attentions", *modeling_electra.ROUTER_FIELDS]
 ENCODER_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+# Checkpoints whose classification head --classifier_head chooses.
+ELECTRA_MODEL_TYPES = ("electra", "electra_moe")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the no-pretraining baseline: the checkpoint's config and tokenizer with freshly initialised weights",
     )
+    model.add_argument(
+        "--classifier_head",
+        choices=CLASSIFIER_HEADS,
+        help="ELECTRA checkpoints: electra = ELECTRA's ([CLS] state, dropout 0.1, one dense layer), hf = "
+        "transformers' ElectraClassificationHead. Default: a fine-tuned checkpoint's own head, else electra",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--task_name",
@@ -125,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_train_samples", type=int, help="train on a seeded random subset of this size")
     data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N rows of each dev set")
     data.add_argument("--max_predict_samples", type=int, help="predict the first N rows of each test set")
+    data.add_argument(
+        "--double_unordered",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MRPC and STS-B also train on every pair in swapped order (ELECTRA's double_unordered)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--do_train", action="store_true")
     run.add_argument("--do_eval", action="store_true")
@@ -145,9 +161,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--layerwise_lr_decay", type=float, help="default 0.8 (0.9 large); 1.0 disables")
     optim.add_argument("--num_train_epochs", type=float, help="default 3 (10 for RTE and STS-B)")
     optim.add_argument("--per_device_train_batch_size", type=int, default=TRAIN_BATCH_SIZE)
+    optim.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="optimizer step every N batches (effective batch N x per_device_train_batch_size)",
+    )
     optim.add_argument("--per_device_eval_batch_size", type=int, default=EVAL_BATCH_SIZE)
     optim.add_argument("--warmup_ratio", type=float, default=WARMUP_PROPORTION)
     optim.add_argument("--weight_decay", type=float, default=WEIGHT_DECAY)
+    optim.add_argument(
+        "--lr_schedule",
+        choices=SCHEDULES,
+        default="electra",
+        help="electra: linear decay to 0 over all steps times min(1, step / warmup) (ELECTRA's); linear: "
+        "transformers' (decay from the end of warmup), what runs before this flag used",
+    )
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -181,7 +210,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--glue_dir {args.glue_dir} is not a directory")
     if args.layerwise_lr_decay is not None and not 0 < args.layerwise_lr_decay <= 1:
         parser.error("--layerwise_lr_decay must be in (0, 1]")
-    for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_seq_length"):
+    for name in (
+        "max_train_samples",
+        "max_eval_samples",
+        "max_predict_samples",
+        "max_seq_length",
+        "gradient_accumulation_steps",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
 
@@ -334,8 +369,10 @@ def default_model_name(name_or_path: str) -> str:
     return path.parent.name if path.name == "discriminator" and path.parent.name else path.name
 
 
-def check_moe_config_is_explicit(checkpoint: str) -> None:
-    """An electra_moe config.json must state its MoE settings: a missing field must not fall back to a default."""
+def check_moe_config_is_explicit(checkpoint: str) -> dict[str, Any]:
+    """An electra_moe config.json must state its MoE settings: a missing field must not fall back to a default.
+
+    Returns the config as saved."""
     config_dict, _ = PretrainedConfig.get_config_dict(checkpoint)
     if config_dict.get("model_type") == "electra_moe":
         missing = [key for key in ("num_experts", "top_k") if key not in config_dict]
@@ -343,6 +380,7 @@ def check_moe_config_is_explicit(checkpoint: str) -> None:
             raise ValueError(
                 f"{checkpoint}/config.json has model_type electra_moe but no {missing}; re-save it"
             )
+    return config_dict
 
 
 def model_size_name(config: PretrainedConfig) -> str:
@@ -358,16 +396,31 @@ def model_size_name(config: PretrainedConfig) -> str:
     return min(LEARNING_RATE_BY_SIZE, key=lambda name: abs(PRESETS[name]["hidden_size"] - width))
 
 
-def load_model(
-    checkpoint: str, task: GlueTask, tokenizer_name: str | None, random_init: bool = False
-) -> tuple[transformers.PreTrainedTokenizerBase, PreTrainedModel]:
-    """Load the tokenizer and a sequence-classification model; only the head may be newly initialised.
+def choose_classifier_head(requested: str | None, config_dict: dict[str, Any]) -> str | None:
+    """The head to fine-tune with: `requested`, else the checkpoint's own when it is already a sequence
+    classifier (transformers' for an `ElectraForSequenceClassification`), else ELECTRA's. None: the model
+    type has no choice (not an ELECTRA checkpoint), its Auto class decides."""
+    model_type = config_dict.get("model_type")
+    if model_type not in ELECTRA_MODEL_TYPES:
+        if requested == "electra":
+            raise ValueError(
+                f"--classifier_head electra needs an ELECTRA or ElectraMoE checkpoint, not model_type "
+                f"{model_type!r}; leave the flag out to use the checkpoint's own head"
+            )
+        return None
+    if requested is not None:
+        return requested
+    if any(name.endswith("ForSequenceClassification") for name in config_dict.get("architectures") or []):
+        return config_dict.get("classifier_head", "hf")
+    return "electra"
 
-    With `random_init` every weight is fresh (seeded by the caller): the checkpoint gives only the
-    architecture, MoE settings included, so the baseline differs from the pretrained run in weights alone.
+
+def classification_config(checkpoint: str, task: GlueTask, head: str | None) -> PretrainedConfig:
+    """The checkpoint's config with the task's labels and the classifier head.
+
+    transformers' ELECTRA has only its own head: with ELECTRA's, a plain ELECTRA checkpoint is read into
+    the dense ElectraMoE model (the same weights under the same names, the same function).
     """
-    check_moe_config_is_explicit(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or checkpoint)
     label_kwargs: dict[str, Any] = {"num_labels": task.num_labels, "finetuning_task": task.name}
     if task.is_regression:
         label_kwargs["problem_type"] = "regression"
@@ -376,6 +429,35 @@ def load_model(
         label_kwargs["id2label"] = dict(enumerate(task.label_names))
         label_kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
     config = AutoConfig.from_pretrained(checkpoint, **label_kwargs)
+    if head is None:
+        return config
+    if config.model_type == "electra" and head == "electra":
+        fields = config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version"):
+            fields.pop(key, None)
+        return ElectraMoEConfig(**fields, num_experts=1, classifier_head=head)
+    if config.model_type == "electra_moe":
+        config.classifier_head = head
+    return config
+
+
+def load_model(
+    checkpoint: str,
+    task: GlueTask,
+    tokenizer_name: str | None,
+    random_init: bool = False,
+    classifier_head: str | None = None,
+) -> tuple[transformers.PreTrainedTokenizerBase, PreTrainedModel]:
+    """Load the tokenizer and a sequence-classification model; only the head may be newly initialised.
+
+    With `random_init` every weight is fresh (seeded by the caller): the checkpoint gives only the
+    architecture, MoE settings included, so the baseline differs from the pretrained run in weights alone.
+    `classifier_head` (ELECTRA checkpoints): see `choose_classifier_head`.
+    """
+    config_dict = check_moe_config_is_explicit(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or checkpoint)
+    head = choose_classifier_head(classifier_head, config_dict)
+    config = classification_config(checkpoint, task, head)
     if random_init:
         logger.info(
             "--random_init: %s gives the architecture only; all weights are freshly initialised", checkpoint
@@ -445,11 +527,30 @@ def layerwise_param_groups(
 
 
 class LayerwiseDecayTrainer(Trainer):
-    """The transformers Trainer with ELECTRA's layer-wise learning-rate decay."""
+    """The transformers Trainer with ELECTRA's layer-wise learning-rate decay and learning-rate schedule.
 
-    def __init__(self, *args, layerwise_lr_decay: float, **kwargs):
+    The classification models average their loss over the batch and ignore `num_items_in_batch`, so the
+    Trainer divides it by the accumulation steps (transformers' ELECTRA, like ours, would otherwise be taken
+    to normalise it itself because its forward accepts **kwargs).
+    """
+
+    def __init__(self, *args, layerwise_lr_decay: float, lr_schedule: str = "electra", **kwargs):
         super().__init__(*args, **kwargs)
         self.layerwise_lr_decay = layerwise_lr_decay
+        self.lr_schedule = lr_schedule
+        self.model_accepts_loss_kwargs = False
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = make_schedule(
+                self.lr_schedule,
+                optimizer if optimizer is not None else self.optimizer,
+                self.args.get_warmup_steps(num_training_steps),
+                num_training_steps,
+            )
+        return self.lr_scheduler
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -486,6 +587,10 @@ def resolve_hyperparameters(
             else NUM_TRAIN_EPOCHS_BY_TASK.get(task_name, NUM_TRAIN_EPOCHS)
         ),
         "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "lr_schedule": args.lr_schedule,
+        "classifier_head": getattr(config, "classifier_head", None),
+        "double_unordered": args.double_unordered and TASKS[task_name].unordered_pair,
         "max_seq_length": args.max_seq_length,
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
@@ -498,13 +603,17 @@ def make_compute_metrics(task: GlueTask):
         logits = (
             prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         )
-        return glue_metrics(task.name, predictions_from_logits(task, logits), prediction.label_ids)
+        labels = prediction.label_ids * task.target_scale if task.is_regression else prediction.label_ids
+        return glue_metrics(task.name, predictions_from_logits(task, logits), labels)
 
     return compute_metrics
 
 
 def predictions_from_logits(task: GlueTask, logits: np.ndarray) -> np.ndarray:
-    return np.squeeze(logits, axis=-1) if task.is_regression else np.argmax(logits, axis=-1)
+    """Class ids, or regression scores on the task's own scale (STS-B: 0-5, trained on score / 5)."""
+    if task.is_regression:
+        return np.squeeze(logits, axis=-1) * task.target_scale
+    return np.argmax(logits, axis=-1)
 
 
 def write_submission(path: Path, task: GlueTask, idx: list[int], predictions: np.ndarray) -> None:
@@ -530,13 +639,36 @@ def encode_splits(
     args: argparse.Namespace, task: GlueTask, splits: dict[str, datasets.Dataset], tokenizer, seed: int
 ) -> tuple[dict[str, datasets.Dataset], dict[str, datasets.Dataset]]:
     """The rows each split keeps (train: a seeded subset) and their token ids."""
+    train = splits.get("train")
+    if train is not None:
+        train = limit(train, args.max_train_samples, seed)
+        if args.double_unordered and task.unordered_pair:
+            train = with_swapped_pairs(train, task)
     raw = {
-        "train": limit(splits["train"], args.max_train_samples, seed) if "train" in splits else None,
+        "train": train,
         **{s: limit(splits[s], args.max_eval_samples) for s in task.eval_splits if s in splits},
         **{s: limit(splits[s], args.max_predict_samples) for s in task.test_splits if s in splits},
     }
     encoded = {s: tokenize(d, task, tokenizer, args.max_seq_length) for s, d in raw.items() if d is not None}
+    if task.target_scale != 1.0:
+        encoded = {s: scale_targets(d, task) for s, d in encoded.items()}
     return raw, encoded
+
+
+def with_swapped_pairs(dataset: datasets.Dataset, task: GlueTask) -> datasets.Dataset:
+    """The rows followed by each row with its two sentences swapped (ELECTRA's `double_unordered`)."""
+    first, second = task.text_columns
+    swapped = dataset.rename_columns({first: second, second: first}).cast(dataset.features)
+    return datasets.concatenate_datasets([dataset, swapped.select_columns(dataset.column_names)])
+
+
+def scale_targets(dataset: datasets.Dataset, task: GlueTask) -> datasets.Dataset:
+    """Regression targets divided by the task's scale, as ELECTRA trains STS-B (unlabeled rows keep -1)."""
+    return dataset.map(
+        lambda batch: {"label": [v if v == NO_LABEL else v / task.target_scale for v in batch["label"]]},
+        batched=True,
+        desc=f"scaling {task.name} targets",
+    )
 
 
 def build_trainer(
@@ -568,6 +700,7 @@ def build_trainer(
         bf16=use_bf16,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=args.dataloader_num_workers,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
     return LayerwiseDecayTrainer(
         model=model,
@@ -577,6 +710,7 @@ def build_trainer(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=make_compute_metrics(task),
         layerwise_lr_decay=hyper["layerwise_lr_decay"],
+        lr_schedule=hyper["lr_schedule"],
     )
 
 
@@ -648,7 +782,9 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
 
     splits, data_summary = load_splits(args, task_name)
     checkpoint = resolve_checkpoint(args.model_name_or_path)
-    tokenizer, model = load_model(checkpoint, task, args.tokenizer_name, args.random_init)
+    tokenizer, model = load_model(
+        checkpoint, task, args.tokenizer_name, args.random_init, args.classifier_head
+    )
     hyper = resolve_hyperparameters(args, task_name, model.config)
     use_bf16 = args.bf16 and torch.cuda.is_available()
     if args.bf16 and not use_bf16:

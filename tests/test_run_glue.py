@@ -5,11 +5,13 @@ import math
 import shutil
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, ElectraConfig, ElectraForPreTraining
+from transformers import AutoTokenizer, ElectraConfig, ElectraForPreTraining, ElectraForSequenceClassification
 
 import gather_glue_results
 import modeling_electra
@@ -224,11 +226,17 @@ def test_plain_electra_and_pretraining_run_dirs_load(tmp_path, vocab_dir):
     checkpoint = run_glue.resolve_checkpoint(str(run_dir))
     assert checkpoint == str(run_dir / "discriminator")
     assert run_glue.default_model_name(str(run_dir / "discriminator")) == "wikitext_run"
-    _, model = run_glue.load_model(checkpoint, TASKS["mnli"], None)
-    assert type(model).__name__ == "ElectraForSequenceClassification"
-    assert model.config.num_labels == 3 and model.config.id2label[2] == "contradiction"
     loaded = dense.electra.encoder.layer[1].intermediate.dense.weight
-    assert torch.equal(model.electra.encoder.layer[1].intermediate.dense.weight, loaded)
+    # transformers' ELECTRA has only its own head; ELECTRA's head reads the checkpoint into the dense ElectraMoE.
+    for head, class_name in (
+        ("hf", "ElectraForSequenceClassification"),
+        (None, "ElectraMoEForSequenceClassification"),
+    ):
+        _, model = run_glue.load_model(checkpoint, TASKS["mnli"], None, classifier_head=head)
+        assert type(model).__name__ == class_name
+        assert model.config.num_labels == 3 and model.config.id2label[2] == "contradiction"
+        assert torch.equal(model.electra.encoder.layer[1].intermediate.dense.weight, loaded)
+    assert (model.config.num_experts, model.config.classifier_head) == (1, "electra")
 
 
 def test_recipe_defaults_follow_electra():
@@ -320,3 +328,135 @@ def test_random_init_runs_are_named_apart(moe_checkpoint, tmp_path):
     )
     assert run_config["random_init"] is True and run_config["model_name"] == "tiny_moe_random_init"
     assert not (tmp_path / "tiny_moe").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ELECTRA's fine-tuning: head, schedule, accumulation, STS-B targets, double_unordered
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_electra_head_is_cls_dropout_one_dense_layer(moe_checkpoint, tmp_path):
+    _, model = run_glue.load_model(str(moe_checkpoint), TASKS["rte"], None)
+    assert model.config.classifier_head == "electra"
+    head = model.classifier
+    assert [name for name, _ in head.named_parameters()] == ["linear.weight", "linear.bias"]
+    assert head.dropout.p == 0.1 and head.linear.in_features == TINY["hidden_size"]
+    model.eval()
+    input_ids = torch.randint(5, 100, (3, 6))
+    with torch.no_grad():
+        hidden = model.electra(input_ids).last_hidden_state
+        expected = hidden[:, 0] @ head.linear.weight.T + head.linear.bias
+        torch.testing.assert_close(model(input_ids).logits, expected)
+    # The choice is saved in the config and a fine-tuned checkpoint keeps its own head.
+    model.save_pretrained(tmp_path / "finetuned")
+    config = json.loads((tmp_path / "finetuned" / "config.json").read_text())
+    assert config["classifier_head"] == "electra"
+    assert run_glue.choose_classifier_head(None, config) == "electra"
+    _, hf = run_glue.load_model(str(moe_checkpoint), TASKS["rte"], None, classifier_head="hf")
+    assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= dict(hf.named_parameters()).keys()
+
+
+def test_transformers_classification_checkpoint_keeps_its_head(tmp_path, vocab_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
+    path = tmp_path / "hf_finetuned"
+    ElectraForSequenceClassification(
+        ElectraConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY)
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    _, model = run_glue.load_model(str(path), TASKS["rte"], None)
+    assert type(model).__name__ == "ElectraForSequenceClassification"
+    trained = load_file(path / "model.safetensors")["classifier.out_proj.weight"]
+    assert torch.equal(model.classifier.out_proj.weight, trained)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """2 x 16 with accumulation makes the same update as one batch of 32 (SGD: the update is the gradient)."""
+    config = ElectraMoEConfig(vocab_size=100, num_experts=2, top_k=1, num_labels=2, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0, classifier_dropout=0.0, classifier_head="electra",
+                              router_aux_loss_coef=0.0, router_z_loss_coef=0.0, **TINY)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(5, 100, (32, 8), generator=generator).tolist(),
+            "labels": torch.randint(0, 2, (32,), generator=generator).tolist(),
+        }
+    )
+    updated = {}
+    for batch, steps in ((32, 1), (16, 2)):
+        torch.manual_seed(0)
+        model = modeling_electra.ElectraMoEForSequenceClassification(config)
+        args = run_glue.TrainingArguments(
+            output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
+            max_steps=1, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0,
+            report_to="none", use_cpu=True, save_strategy="no",
+        )  # fmt: skip
+        trainer = run_glue.LayerwiseDecayTrainer(
+            model=model, args=args, train_dataset=data, layerwise_lr_decay=1.0
+        )
+        trainer.train()
+        updated[batch] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name, value in updated[32].items():
+        torch.testing.assert_close(updated[16][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert modeling_electra.ElectraMoEForSequenceClassification.accepts_loss_kwargs is False
+
+
+@pytest.mark.parametrize("schedule", ["electra", "linear"])
+def test_learning_rate_schedule(schedule, tmp_path):
+    model = modeling_electra.ElectraMoEForSequenceClassification(ElectraMoEConfig(vocab_size=100, **TINY))
+    args = run_glue.TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, report_to="none"
+    )
+    trainer = run_glue.LayerwiseDecayTrainer(
+        model=model, args=args, layerwise_lr_decay=1.0, lr_schedule=schedule
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[5] == pytest.approx(0.5 * (0.95 if schedule == "electra" else 1.0))
+    # ELECTRA decays over all steps; transformers' from the end of warmup (about 11% higher at 10% warmup).
+    assert rates[50] == pytest.approx(0.5 if schedule == "electra" else 50 / 90)
+    args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte"])
+    assert args.lr_schedule == "electra" and args.double_unordered and args.gradient_accumulation_steps == 1
+
+
+def test_stsb_targets_are_scaled_to_unit_range(moe_checkpoint):
+    task = TASKS["stsb"]
+    args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "stsb", "--glue_dir", str(GLUE_FIXTURES),
+                                "--no-double_unordered"])  # fmt: skip
+    splits, _ = run_glue.load_splits(args, "stsb")
+    tokenizer, _ = run_glue.load_model(str(moe_checkpoint), task, None)
+    raw, encoded = run_glue.encode_splits(args, task, splits, tokenizer, seed=1)
+    for split in ("train", "validation"):
+        assert max(raw[split]["label"]) > 1.0
+        assert encoded[split]["label"] == pytest.approx([v / 5 for v in raw[split]["label"]])
+    # Predictions (and labels, for the metrics) go back to 0-5.
+    logits = np.array([[0.2], [0.9]])
+    assert run_glue.predictions_from_logits(task, logits) == pytest.approx([1.0, 4.5])
+    metrics = run_glue.make_compute_metrics(task)(run_glue.EvalPrediction(logits, np.array([0.2, 0.9])))
+    assert metrics["pearson"] == pytest.approx(1.0)
+    assert run_glue.predictions_from_logits(TASKS["rte"], np.array([[0.2, 0.9]])).tolist() == [1]
+
+
+@pytest.mark.parametrize("task_name", ["mrpc", "stsb", "rte"])
+def test_double_unordered_adds_swapped_pairs(task_name, moe_checkpoint):
+    task = TASKS[task_name]
+    argv = ["--model_name_or_path", "x", "--task_name", task_name, "--glue_dir", str(GLUE_FIXTURES),
+            "--max_train_samples", "5"]  # fmt: skip
+    tokenizer, _ = run_glue.load_model(str(moe_checkpoint), task, None)
+    splits, _ = run_glue.load_splits(run_glue.parse_args(argv), task_name)
+    doubled, _ = run_glue.encode_splits(run_glue.parse_args(argv), task, splits, tokenizer, seed=1)
+    single, _ = run_glue.encode_splits(
+        run_glue.parse_args([*argv, "--no-double_unordered"]), task, splits, tokenizer, 1
+    )
+    first, second = task.text_columns
+    if task_name == "rte":  # ELECTRA doubles MRPC and STS-B only
+        assert doubled["train"][:] == single["train"][:]
+        return
+    train, original = doubled["train"], single["train"]
+    assert len(train) == 10 and len(original) == 5
+    assert train[:5] == original[:]
+    assert train[5:][first] == original[second] and train[5:][second] == original[first]
+    assert train[5:]["label"] == original["label"]
