@@ -46,6 +46,8 @@ from moe_dispatch import (
     GELU_APPROXIMATION,
     GROUPED_MM_ALIGNMENT,
     ExpertSlots,
+    expert_choice_slots,
+    experts_per_token_fraction,
     fused_grouped_mm_available,
     limit_capacity,
     run_experts_grouped_mm,
@@ -78,7 +80,8 @@ class ElectraMoEModelOutput(ModelOutput):
     """Encoder output plus router losses and statistics (one row per MoE layer).
 
     `aux_loss` and `z_loss` are unweighted; `router_loss` is their weighted sum, the term the heads add to
-    their task loss. For the dense model all three are zero tensors and the statistics are `None`.
+    their task loss. For the dense model all three are zero tensors and the statistics are `None`; the
+    statistics are described in `RouterOutput`.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -90,6 +93,7 @@ class ElectraMoEModelOutput(ModelOutput):
     expert_load: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
     dropped_fraction: torch.Tensor | None = None
+    experts_per_token: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +113,7 @@ class ElectraMoEHeadOutput(ModelOutput):
     expert_load: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
     dropped_fraction: torch.Tensor | None = None
+    experts_per_token: torch.Tensor | None = None
 
 
 ROUTER_FIELDS = (
@@ -119,12 +124,18 @@ ROUTER_FIELDS = (
     "expert_load",
     "router_entropy",
     "dropped_fraction",
+    "experts_per_token",
 )
 
 
 @dataclass
 class RouterOutput:
-    """What one MoE layer reports about its routing."""
+    """What one MoE layer reports about its routing.
+
+    `expert_load`: each expert's share of the routed slots; `dropped_fraction`: token choice, the share of
+    routed slots over capacity; expert choice, the share of real tokens no expert took;
+    `experts_per_token`: [num_experts + 1], the share of real tokens processed by 0, 1, 2, ... experts.
+    """
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
@@ -132,6 +143,7 @@ class RouterOutput:
     expert_load: torch.Tensor
     entropy: torch.Tensor
     dropped_fraction: torch.Tensor
+    experts_per_token: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,13 +166,18 @@ class ElectraMoERouter(nn.Module):
             self.noise_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (logits, probabilities, top-k gates, top-k expert ids), all but ids in fp32 (or fp64)."""
+        """Return (logits, probabilities, top-k gates, top-k expert ids), all but ids in fp32 (or fp64).
+
+        Expert choice has no per-token choice (gates and ids are None): `expert_choice_slots` selects.
+        """
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x, self.weight.to(x.dtype))
             probs = logits.softmax(dim=-1)
+            if self.router_type == "expert_choice":
+                return logits, probs, None, None
             gates, top_ids = self.top_k_gates(x, logits, probs)
         return logits, probs, gates, top_ids
 
@@ -230,6 +247,9 @@ class ElectraMoEBlock(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
+        self.expert_choice = config.router_type == "expert_choice"
+        self.expert_choice_scope = config.expert_choice_scope
+        self.norm_topk_prob = config.norm_topk_prob
         self.implementation = config.moe_implementation
         self.grouped_mm_aligned = all(
             size % GROUPED_MM_ALIGNMENT == 0 for size in (config.hidden_size, config.expert_intermediate_size)
@@ -258,8 +278,14 @@ class ElectraMoEBlock(nn.Module):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         valid = token_mask.reshape(-1) if token_mask is not None else None
         logits, probs, gates, top_ids = self.router(x)
-        routed = sort_token_choice_slots(top_ids, gates, valid, self.num_experts)
-        slots = routed if self.capacity_factor is None else limit_capacity(routed, self.capacity(routed))
+        if self.expert_choice:
+            group_size = hidden_states.shape[-2] if self.expert_choice_scope == "sequence" else x.shape[0]
+            routed = slots = expert_choice_slots(
+                probs, valid, group_size, self.capacity_factor, self.norm_topk_prob
+            )
+        else:
+            routed = sort_token_choice_slots(top_ids, gates, valid, self.num_experts)
+            slots = routed if self.capacity_factor is None else limit_capacity(routed, self.capacity(routed))
         grouped_mm = self.use_grouped_mm(x.device, self.experts.compute_dtype(x))
         combined = self.experts(x, slots, grouped_mm)
         layer_output = self.LayerNorm(self.dropout(combined.view_as(hidden_states)) + hidden_states)
@@ -278,14 +304,19 @@ class ElectraMoEBlock(nn.Module):
         routed: ExpertSlots,
         kept: ExpertSlots,
     ) -> RouterOutput:
-        """Switch load-balancing loss, ST-MoE z-loss and detached load statistics over real tokens."""
+        """Switch load-balancing loss (none for expert choice), ST-MoE z-loss and detached load statistics
+        over real tokens."""
+        num_tokens = logits.shape[0]
         if valid is not None:
             logits, probs = logits[valid], probs[valid]
         num_routed, num_kept = routed.token.numel(), kept.token.numel()
         total = max(num_routed, 1)
         fraction_routed = routed.counts.float() / total
         mean_prob = probs.mean(dim=0) if probs.shape[0] else probs.new_zeros(self.num_experts)
-        aux_loss = self.num_experts * torch.sum(fraction_routed * mean_prob)
+        if self.expert_choice:  # balanced by construction
+            aux_loss = logits.new_zeros(())
+        else:
+            aux_loss = self.num_experts * torch.sum(fraction_routed * mean_prob)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean() if logits.shape[0] else logits.new_zeros(())
         with torch.no_grad():
             entropy = (
@@ -293,8 +324,13 @@ class ElectraMoEBlock(nn.Module):
                 if probs.shape[0]
                 else probs.new_zeros(())
             )
+            experts_per_token = experts_per_token_fraction(kept, valid, num_tokens)
             dropped = torch.tensor(1.0 - num_kept / total if num_routed else 0.0, device=logits.device)
-        return RouterOutput(logits, aux_loss, z_loss, fraction_routed.detach(), entropy, dropped)
+            if self.expert_choice:
+                dropped = experts_per_token[0]
+        return RouterOutput(
+            logits, aux_loss, z_loss, fraction_routed.detach(), entropy, dropped, experts_per_token
+        )
 
 
 class ElectraMoELayer(ElectraLayer):
@@ -403,7 +439,8 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
     if not routers:
         zero = torch.zeros((), device=device)
         return dict(router_logits=None, aux_loss=zero, z_loss=zero, router_loss=zero,
-                    expert_load=None, router_entropy=None, dropped_fraction=None)  # fmt: skip
+                    expert_load=None, router_entropy=None, dropped_fraction=None,
+                    experts_per_token=None)  # fmt: skip
     aux = torch.stack([r.aux_loss for r in routers]).mean()
     z = torch.stack([r.z_loss for r in routers]).mean()
     return dict(
@@ -414,6 +451,7 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
         expert_load=torch.stack([r.expert_load for r in routers]),
         router_entropy=torch.stack([r.entropy for r in routers]),
         dropped_fraction=torch.stack([r.dropped_fraction for r in routers]),
+        experts_per_token=torch.stack([r.experts_per_token for r in routers]),
     )
 
 

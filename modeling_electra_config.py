@@ -12,7 +12,10 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import ElectraConfig
 
-ROUTER_TYPES = ("softmax_topk", "noisy_topk")
+ROUTER_TYPES = ("softmax_topk", "noisy_topk", "expert_choice")
+EXPERT_CHOICE_SCOPES = ("sequence", "batch")
+# Zhou et al. (2022): each expert takes capacity_factor x tokens / experts tokens; 2 costs what top-2 costs.
+EXPERT_CHOICE_CAPACITY_FACTOR = 2.0
 MOE_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
 # "electra": google-research/electra's fine-tuning head ([CLS] state, dropout, one dense layer to the labels);
 # "hf": transformers' ElectraClassificationHead (dense, gelu, dense). "hf" is what a config without the field
@@ -70,23 +73,35 @@ class ElectraMoEConfig(ElectraConfig):
 
     Args:
         num_experts: experts per MoE layer; 1 keeps ELECTRA's dense feed-forward block.
-        top_k: experts each token is routed to (clipped to 1 when `num_experts=1`).
+        top_k: experts each token is routed to (clipped to 1 when `num_experts=1`); ignored by
+            `router_type="expert_choice"`.
         moe_layers: encoder layer indices that get an MoE block; `None` means every
             `moe_layer_frequency`-th layer (default: all layers).
         moe_layer_frequency: with `moe_layers=None`, layers `i` with `i % frequency == frequency - 1` are MoE.
         expert_intermediate_size: hidden width of each expert; defaults to `intermediate_size`.
         capacity_factor: `None` routes every token (dropless); a float limits each expert to
             `ceil(capacity_factor * tokens * top_k / num_experts)` slots and tokens over capacity keep
-            only the residual path (Switch Transformer behaviour).
-        router_type: `"softmax_topk"` (softmax over all experts, then top-k) or `"noisy_topk"`
-            (Shazeer et al. 2017 noisy top-k gating, as in the original study; noise while training only).
-        norm_topk_prob: renormalise the top-k gate weights to sum to one.
+            only the residual path (Switch Transformer behaviour). With `router_type="expert_choice"` it is
+            each expert's share, `ceil(capacity_factor * routable tokens / num_experts)` tokens, and `None`
+            becomes 2.0 (the compute of top-2 token choice).
+        router_type: `"softmax_topk"` (softmax over all experts, then top-k), `"noisy_topk"` (Shazeer et
+            al. 2017 noisy top-k gating, as in the original study; noise while training only) or
+            `"expert_choice"` (Zhou et al. 2022: each expert takes the tokens with the highest softmax
+            score for it; a token's output is the score-weighted sum over the experts that took it, zero
+            experts leave only the residual path; no load-balancing loss, the z-loss stays).
+        expert_choice_scope: where expert-choice experts pick their tokens: `"sequence"` (default: within
+            each sequence, so a sequence's output does not depend on its batch-mates) or `"batch"` (over
+            all real tokens of the batch, as in Zhou et al.; predictions then depend on the batch).
+        norm_topk_prob: renormalise each token's gate weights to sum to one (over its top-k experts, or
+            over the experts that took it with expert choice). Default False, as Switch/GShard top-k and
+            Zhou et al.'s expert choice use the raw softmax scores; set it True to make an upcycled model
+            compute the dense function on every token that some expert takes.
         router_jitter_noise: multiplicative input jitter for the router while training (Switch Transformer).
         router_aux_loss_coef: weight of the Switch load-balancing loss.
         router_z_loss_coef: weight of the ST-MoE router z-loss.
         output_router_logits: also return each MoE layer's router logits.
-        moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` on CUDA and the sorted-slice
-            `loop` elsewhere.
+        moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` where torch has a fused kernel for
+            it (CUDA compute capability 9.x/10.x in bf16, aligned sizes) and the sorted-slice `loop` elsewhere.
         model_size: name of the preset the config came from (informational, used by result tables).
         classifier_head: sequence-classification head, one of `CLASSIFIER_HEADS`: `"electra"` (ELECTRA's
             fine-tuning head) or `"hf"` (transformers' `ElectraClassificationHead`, the default).
@@ -101,6 +116,7 @@ class ElectraMoEConfig(ElectraConfig):
     expert_intermediate_size: int | None = None
     capacity_factor: float | int | None = None
     router_type: str = "softmax_topk"
+    expert_choice_scope: str = "sequence"
     norm_topk_prob: bool = False
     router_jitter_noise: float | int = 0.0
     router_aux_loss_coef: float | int = SWITCH_AUX_LOSS_COEF
@@ -117,6 +133,8 @@ class ElectraMoEConfig(ElectraConfig):
             self.moe_layers = list(self.moe_layers)
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.intermediate_size
+        if self.router_type == "expert_choice" and self.capacity_factor is None:
+            self.capacity_factor = EXPERT_CHOICE_CAPACITY_FACTOR
         self._validate_moe()
         super().__post_init__(**kwargs)
 
@@ -129,6 +147,10 @@ class ElectraMoEConfig(ElectraConfig):
             )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.expert_choice_scope not in EXPERT_CHOICE_SCOPES:
+            raise ValueError(
+                f"expert_choice_scope must be one of {EXPERT_CHOICE_SCOPES}, got {self.expert_choice_scope!r}"
+            )
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"

@@ -126,10 +126,10 @@ def expert_choice_slots(
     offsets = torch.arange(groups, device=probs.device).mul_(group_size).view(1, groups, 1)
     token = (picked + offsets)[keep]
     expert = torch.arange(num_experts, device=probs.device).view(-1, 1, 1).expand_as(picked)[keep]
-    gate = probs[token, expert]
+    gate = probs.reshape(-1).index_select(0, token * num_experts + expert)
     if normalize:
         per_token = torch.zeros(num_tokens, dtype=gate.dtype, device=gate.device).index_add(0, token, gate)
-        gate = gate / per_token.index_select(0, token)
+        gate = gate / per_token.index_select(0, token).clamp_min(torch.finfo(gate.dtype).tiny)
     counts = torch.full((num_experts,), sum(capacities), dtype=torch.long, device=probs.device)
     return ExpertSlots(token, gate, expert, counts)
 

@@ -6,6 +6,9 @@ For each shape (ELECTRA-Small: hidden 256, experts of 1024, 128 x 128 tokens; EL
 - `dense`: ELECTRA's own FFN (transformers' ElectraIntermediate + ElectraOutput) with intermediate size
   top_k x expert size, i.e. the same active compute; the practical limit for an MoE layer.
 - `loop`, `grouped_mm`: the project's `ElectraMoEBlock` with each dispatch path.
+- `ec_loop`, `ec_grouped_mm`: the same block with expert-choice routing (Zhou et al. 2022, each expert
+  takes top_k x tokens / experts tokens of each sequence, i.e. capacity factor top_k: the compute of
+  top-k token choice) with each dispatch path.
 - `sort_slice`: a plain sort-then-slice loop (stacked weights, `unbind`, `torch.cat`, gate multiply,
   `index_add`), the straightforward dropless dispatch, kept as a reference.
 - `naive_mask`: the original study's pattern, a Python loop over `nn.Linear` experts with boolean masks.
@@ -98,7 +101,18 @@ QUICK = preset_shape("small", batch=64, seq_len=128, experts=(8, 64), top_ks=(2,
 
 DENSE = "dense"
 PROJECT_METHODS = ("loop", "grouped_mm")
-METHODS = (DENSE, *PROJECT_METHODS, "sort_slice", "naive_mask", "hf_eager", "hf_grouped_mm", "hf_batched_mm")
+# Expert-choice routing with each dispatch path (`ec_<implementation>`); it computes a different function.
+EXPERT_CHOICE_METHODS = ("ec_loop", "ec_grouped_mm")
+METHODS = (
+    DENSE,
+    *PROJECT_METHODS,
+    *EXPERT_CHOICE_METHODS,
+    "sort_slice",
+    "naive_mask",
+    "hf_eager",
+    "hf_grouped_mm",
+    "hf_batched_mm",
+)
 ELECTRA_ACT = "gelu"
 ELECTRA_DROPOUT = 0.1
 ELECTRA_INIT_STD = 0.02
@@ -179,7 +193,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def moe_config(shape: Shape, num_experts: int, top_k: int, implementation: str = "loop") -> ElectraMoEConfig:
+def moe_config(
+    shape: Shape, num_experts: int, top_k: int, implementation: str = "loop", expert_choice: bool = False
+) -> ElectraMoEConfig:
+    """The benchmark's block; expert choice at capacity factor top_k (the compute of top-k token choice)."""
+    routing = dict(router_type="expert_choice", capacity_factor=float(top_k)) if expert_choice else {}
     return ElectraMoEConfig(
         vocab_size=2,
         hidden_size=shape.hidden,
@@ -191,6 +209,7 @@ def moe_config(shape: Shape, num_experts: int, top_k: int, implementation: str =
         hidden_act=ELECTRA_ACT,
         hidden_dropout_prob=ELECTRA_DROPOUT,
         moe_implementation=implementation,
+        **routing,
     )
 
 
@@ -361,8 +380,9 @@ def build_methods(
     for method in methods:
         if method == DENSE:
             modules[method] = DenseFFN(shape, top_k * shape.expert)
-        elif method in PROJECT_METHODS:
-            cfg = moe_config(shape, num_experts, top_k, implementation=method)
+        elif method in PROJECT_METHODS or method in EXPERT_CHOICE_METHODS:
+            expert_choice = method in EXPERT_CHOICE_METHODS
+            cfg = moe_config(shape, num_experts, top_k, method.removeprefix("ec_"), expert_choice)
             twin = ElectraMoEBlock(cfg)
             twin.load_state_dict(block.state_dict())
             modules[method] = ProjectMoE(twin, cfg)
@@ -466,8 +486,8 @@ def peak_memory_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
 
 def check_outputs(modules: dict[str, nn.Module], x: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every MoE variant must compute the project's function (eval mode, so dropout is off)."""
-    reference_name = next(m for m in modules if m != DENSE)
+    """Every token-choice variant must compute the project's function, every expert-choice variant the
+    project's expert-choice function (eval mode, so dropout is off)."""
     sample = x.detach()[: max(1, CHECK_TOKENS // x.shape[1])]
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     with torch.no_grad(), autocast_for(x.device, dtype):
@@ -477,6 +497,8 @@ def check_outputs(modules: dict[str, nn.Module], x: torch.Tensor, dtype: torch.d
                 outputs[name] = module.eval()(sample)[0].float()
                 module.train()
     for name, out in outputs.items():
+        expert_choice = name in EXPERT_CHOICE_METHODS
+        reference_name = next(m for m in outputs if (m in EXPERT_CHOICE_METHODS) == expert_choice)
         error = (out - outputs[reference_name]).abs().max().item()
         if error > tolerance:
             raise RuntimeError(f"{name} differs from {reference_name} by {error:.2e} (> {tolerance})")
@@ -513,12 +535,15 @@ def time_methods(
     return wall, cpu
 
 
-def routed_tokens_per_expert(modules: dict[str, nn.Module], x: torch.Tensor, num_experts: int) -> list[int]:
-    """How many token slots the shared router sends to each expert for this input (the load balance)."""
+def routed_tokens_per_expert(
+    modules: dict[str, nn.Module], x: torch.Tensor, num_experts: int, top_k: int
+) -> list[int]:
+    """How many token slots the shared router's top-k choices send to each expert for this input (the load
+    balance of token choice)."""
     moe = next(module for name, module in modules.items() if name != DENSE)
     router = moe.block.router if isinstance(moe, ProjectMoE) else moe.router
     with torch.no_grad():
-        top_ids = router(x.reshape(-1, x.shape[-1]))[3]
+        top_ids = router(x.reshape(-1, x.shape[-1]))[1].topk(top_k, dim=-1).indices
     return torch.bincount(top_ids.reshape(-1), minlength=num_experts).tolist()
 
 
@@ -574,7 +599,7 @@ def bench_config(
         methods=results,
         skipped=skipped,
         load_average=(load_before, os.getloadavg()[0]),
-        tokens_per_expert=routed_tokens_per_expert(modules, x, num_experts),
+        tokens_per_expert=routed_tokens_per_expert(modules, x, num_experts, top_k),
     )
 
 
