@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DATA ?= demo
 HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo mini-study transfer clean
+.PHONY: install test lint demo mini-study transfer gpu-wheels gpu-data gpu-kit gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,32 @@ $(MINILM_WHEEL): | install
 transfer: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --bert_path $(MINILM_WHEEL) \
 		--data $(DATA) --overwrite_output_dir
+
+# The GPU kit (docs/gpu.md). The lent GPU machine is offline, runs Python 3.12 with torch, transformers 5.17,
+# tokenizers, huggingface_hub, pyarrow, xxhash and pandas, and has no datasets: carry the project's pins of
+# datasets and transformers, and the two datasets dependencies it lacks (at the versions pip resolves them to
+# with requirements.txt), as wheels in .whl/ (~14 MB); WikiText-2, the ELECTRA vocabulary and SST-2 in
+# .gpu_data/ (~6 MB). Both are ignored by git: name them in the device tool's carry.
+pin = $(shell sed -n 's/^$(1)==//p' requirements.txt)
+GPU_WHEELS = datasets==$(call pin,datasets) transformers==$(call pin,transformers) dill==0.4.1 multiprocess==0.70.19
+GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: install
+	rm -rf .whl
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+
+gpu-data:
+	@test -d "$(DATA)/wikitext-2" -a -d "$(DATA)/glue_data/SST-2" -a -f "$(DATA)/electra-vocab/vocab.txt" || \
+		{ echo "make gpu-data needs DATA=<folder in the ../shared/data layout> (wikitext-2, electra-vocab, glue_data/SST-2)"; exit 2; }
+	rm -rf .gpu_data && mkdir -p .gpu_data/glue_data
+	cp -r "$(DATA)/wikitext-2" "$(DATA)/electra-vocab" .gpu_data/
+	cp -r "$(DATA)/glue_data/SST-2" .gpu_data/glue_data/
+
+gpu-kit: gpu-wheels gpu-data
+	@du -sch .whl .gpu_data
+
+gpu-dry-run: install
+	PYTHON=$(PY) bash bench/gpu_check.sh --cpu-dry-run
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""The GPU kit (bench/gpu_check.sh) keeps running between GPU runs: its CPU dry run end to end, and the
+step runner's reporting (a failing step does not stop the others; the budget caps every step)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import gpu_check
+from conftest import REPO_ROOT
+
+MAX_OUTPUT_FILES = 8  # what the device tool brings back from $OUT
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), "--cpu-dry-run", "--data", "demo"],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "bench_moe.json",
+        "bench_pretrain.json",
+        "gpu_check.json",
+        "gpu_check.log",
+        "gpu_check.md",
+    ]
+    assert len(files) <= MAX_OUTPUT_FILES
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "pretrain", "glue"]
+    assert steps["environment"]["results"]["cuda_available"] is False
+    pytest_step = steps["pytest_cuda"]
+    assert pytest_step["status"] == "skipped" and "no CUDA" in pytest_step["detail"]
+    assert len(pytest_step["results"]["skipped"]) >= 20 and not pytest_step["results"]["failed"]
+    assert all(
+        steps[name]["status"] == "passed" for name in ("bench_moe", "bench_pretrain", "pretrain", "glue")
+    )
+    pretrain = steps["pretrain"]["results"]
+    assert pretrain["first_exit"] == gpu_check.REQUEUE_EXIT_CODE and pretrain["second_exit"] == 0
+    assert (
+        0
+        < pretrain["resumed_at_step"]
+        < pretrain["final_step"]
+        == gpu_check.DRY_PRETRAIN["max_training_steps"]
+    )
+    assert 0 <= steps["glue"]["results"]["eval_accuracy"] <= 1
+    summary = (out / "gpu_check.md").read_text()
+    assert "CPU dry run" in summary and "| pretrain | passed |" in summary and "## bench_moe" in summary
+    assert "CUDA tests were skipped" in summary and summary.strip() in proc.stdout
+
+
+def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    ran = []
+
+    def fake(name, status="passed"):
+        def step(check, step, *args):
+            ran.append(name)
+            if status == "raise":
+                raise RuntimeError("boom")
+            step.status, step.detail = status, name
+
+        return step
+
+    monkeypatch.setattr(gpu_check, "step_environment", fake("environment"))
+    monkeypatch.setattr(gpu_check, "step_pytest", fake("pytest", "raise"))
+    monkeypatch.setattr(gpu_check, "step_bench", fake("bench", "failed"))
+    monkeypatch.setattr(gpu_check, "step_pretrain", fake("pretrain"))
+    monkeypatch.setattr(gpu_check, "step_glue", fake("glue"))
+    assert gpu_check.main(["--out", str(tmp_path), "--data", "demo"]) == 1
+    assert ran == ["environment", "pytest", "bench", "bench", "pretrain", "glue"]
+    steps = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    assert (
+        steps["pytest_cuda"]["status"] == "failed" and "RuntimeError: boom" in steps["pytest_cuda"]["detail"]
+    )
+    assert steps["bench_moe"]["status"] == "failed" and steps["glue"]["status"] == "passed"
+    assert "| pytest_cuda | failed |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_an_exhausted_budget_times_out_the_remaining_steps(tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path), "--data", "demo", "--budget_s", "0"]) == 1
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert {s["status"] for s in steps} == {"timeout"} and all("no time left" in s["detail"] for s in steps)
+
+
+def test_bad_data_folder_is_refused_before_anything_runs(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--data", str(tmp_path)]) == 2
+    assert "wikitext-2" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_gpu_commands_cover_the_issue_grid():
+    moe = gpu_check.bench_moe_command(dry=False, output=REPO_ROOT / "x.json")
+    assert moe[moe.index("--device") + 1] == "cuda"
+    assert moe[moe.index("--experts") + 1 : moe.index("--top_k")] == ["8", "16", "64"]
+    assert moe[moe.index("--shapes") + 1 : moe.index("--experts")] == ["small", "base"]
+    pretrain = gpu_check.bench_pretrain_command(dry=False, output=REPO_ROOT / "y.json")
+    assert "cuda" in pretrain and "bf16" in pretrain
+    assert gpu_check.GPU_PRETRAIN["mixed_precision"] == "bf16" and gpu_check.GPU_GLUE["bf16"] is True
+    assert gpu_check.GPU_GLUE["max_train_samples"] == 8000 and gpu_check.GPU_GLUE["num_train_epochs"] == 1
+    assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
