@@ -1,13 +1,14 @@
 """Tokens per second of a full ELECTRA replaced-token-detection training step, and of the data pipeline.
 
-The step is `wikitext_trainer.py`'s own (its `ElectraPretrainingModel`: masking 15%, generator MLM on the
-masked positions, Gumbel sampling, discriminator RTD loss x 50, both models' router losses; shared
-embeddings), then backward, gradient clipping and AdamW with ELECTRA's parameter groups; models come from
-its `build_model_configs`/`build_models`. At the `small` size (batch 128 x 128 tokens) it times the dense
-baseline, a dense model whose discriminator FFN is top-2 x 1024 wide (`dense-2x`: the same active compute
-as the top-2 MoE models, same generator), and the study's six MoE configurations (experts {2, 4, 8} x
-top-k {1, 2}), one step of each per round, interleaved. The ratio is the MoE model's tokens/s divided by
-that of the dense model with the same active compute (dense for top-1, dense-2x for top-2): 1.0 = as fast.
+The step is `wikitext_trainer.py`'s own: its `build_training_run` builds the models and the objective
+(`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, Gumbel sampling,
+discriminator RTD loss x 50, both models' router losses; shared embeddings), AdamW with ELECTRA's parameter
+groups and the schedule, and its `train_step` runs forward, backward, gradient clipping and the AdamW step.
+At the `small` size (batch 128 x 128 tokens) it times the dense baseline, a dense model whose
+discriminator FFN is top-2 x 1024 wide (`dense-2x`: the same active compute as the top-2 MoE models, same
+generator), and the study's six MoE configurations (experts {2, 4, 8} x top-k {1, 2}), one step of each
+per round, interleaved. The ratio is the MoE model's tokens/s divided by that of the dense model with the
+same active compute (dense for top-1, dense-2x for top-2): 1.0 = as fast.
 Step times are the best of the timed rounds (medians and every sample are in the JSON), as in bench_moe.
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import pretrain_data  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
     RESULTS_DIR,
@@ -63,7 +65,7 @@ MODEL_SIZE = "small"
 STUDY_EXPERTS = (2, 4, 8)
 STUDY_TOP_K = (1, 2)
 SMALL_BATCH, QUICK_BATCH = 128, 16
-SEQ_LEN = wt.MAX_SEQ_LENGTH
+SEQ_LEN = pretrain_data.MAX_SEQ_LENGTH
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,34 +130,15 @@ def study_configs(quick: bool) -> list[dict]:
     return configs
 
 
-def build_training(flags: list[str], tokenizer, vocab_size: int, generator_config, device: torch.device):
-    """The trainer's models, objective module and AdamW; returns (module, optimizer, generator config)."""
+def build_training(flags: list[str], tokenizer, vocab_size: int, generator_config, accelerator, steps: int):
+    """The trainer's own training run (`wikitext_trainer.build_training_run`: models, objective, AdamW,
+    schedule) for these flags; returns (run, trainer arguments, generator config)."""
     args = wt.parse_args(["--model_size", MODEL_SIZE, *flags])
     disc_config, gen_config = wt.build_model_configs(args, vocab_size, tokenizer.pad_token_id)
     if generator_config is not None:
         gen_config = copy.deepcopy(generator_config)
-    generator, discriminator = wt.build_models(disc_config, gen_config)
-    model = wt.ElectraPretrainingModel(generator, discriminator, tokenizer).to(device).train()
-    optimizer = torch.optim.AdamW(
-        wt.optimizer_parameter_groups(model, args.weight_decay),
-        lr=args.learning_rate,
-        betas=wt.ADAM_BETAS,
-        eps=wt.ADAM_EPSILON,
-    )
-    return model, optimizer, gen_config
-
-
-def train_step(model, optimizer, input_ids: torch.Tensor, autocast_dtype: torch.dtype | None) -> float:
-    """One optimizer step exactly as the trainer takes it (without accelerate's bookkeeping)."""
-    with torch.autocast(
-        input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
-    ):
-        loss = model(input_ids)["loss"]
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), wt.MAX_GRAD_NORM)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    run = wt.build_training_run(args, tokenizer, disc_config, gen_config, steps, accelerator)
+    return run, args, gen_config
 
 
 def random_blocks(batch: int, vocab_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -174,10 +157,13 @@ def release_freed_memory() -> None:
 
 
 def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
+    device = accelerator.device
     tokenizer = load_tokenizer()
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     batch = args.batch_size or (QUICK_BATCH if args.quick else SMALL_BATCH)
-    autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     input_ids = random_blocks(batch, vocab_size, device)
     configs = study_configs(args.quick)
 
@@ -185,13 +171,13 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
     generator_config = None
     runs = {}
     for config in configs:
-        model, optimizer, gen_config = build_training(
-            config["flags"], tokenizer, vocab_size, generator_config, device
+        run, trainer_args, gen_config = build_training(
+            config["flags"], tokenizer, vocab_size, generator_config, accelerator, args.warmup + args.repeats
         )
         generator_config = generator_config or gen_config
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in run.model.parameters())
         runs[config["name"]] = dict(
-            config=config, model=model, optimizer=optimizer, params=params, times=[], cpu=[]
+            config=config, run=run, max_grad_norm=trainer_args.max_grad_norm, params=params, times=[], cpu=[]
         )
 
     names = list(runs)
@@ -201,7 +187,10 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
             run = runs[name]
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            run["loss"] = train_step(run["model"], run["optimizer"], input_ids, autocast_dtype)
+            outputs, _ = wt.train_step(
+                run["run"], accelerator, {"input_ids": input_ids}, run["max_grad_norm"]
+            )
+            run["loss"] = outputs["loss"].item()
             synchronize(device)
             if round_index >= args.warmup:
                 run["times"].append(time.perf_counter() - start)
@@ -250,11 +239,11 @@ def bench_data(threads: int) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(ELECTRA_VOCAB))
     lines = train.read_text(encoding="utf-8").splitlines()
     start = time.perf_counter()
-    articles = wt.group_into_articles(lines)
+    articles = pretrain_data.group_into_articles(lines)
     blocks = 0
-    for i in range(0, len(articles), wt.TOKENIZE_BATCH_SIZE):
-        batch = {"text": articles[i : i + wt.TOKENIZE_BATCH_SIZE]}
-        blocks += len(wt.tokenize_into_blocks(batch, tokenizer, SEQ_LEN)["input_ids"])
+    for i in range(0, len(articles), pretrain_data.TOKENIZE_BATCH_SIZE):
+        batch = {"text": articles[i : i + pretrain_data.TOKENIZE_BATCH_SIZE]}
+        blocks += len(pretrain_data.tokenize_into_blocks(batch, tokenizer, SEQ_LEN)["input_ids"])
     pack_s = time.perf_counter() - start
 
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-pretrain-cache-"))
@@ -269,12 +258,12 @@ def bench_data(threads: int) -> dict | None:
         ]
         argv += ["--data_cache_dir", str(cache_dir), "--preprocessing_num_workers", str(threads)]
         trainer_args = wt.parse_args(argv)
-        source = wt.describe_data_source(trainer_args)
+        source = pretrain_data.describe_data_source(trainer_args)
         start = time.perf_counter()
-        first = wt.prepare_blocks(trainer_args, tokenizer, source)
+        first = pretrain_data.prepare_blocks(trainer_args, tokenizer, source)
         build_s = time.perf_counter() - start
         start = time.perf_counter()
-        again = wt.prepare_blocks(trainer_args, tokenizer, source)
+        again = pretrain_data.prepare_blocks(trainer_args, tokenizer, source)
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)

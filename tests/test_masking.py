@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoTokenizer
 
-import wikitext_trainer as wt
+import rtd
 from conftest import write_vocab_dir
 from modeling_electra import (
     ElectraMoEConfig,
@@ -35,8 +35,8 @@ def special_ids(tokenizer) -> torch.Tensor:
 
 def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
     ids, attention = padded_batch(tokenizer)
-    maskable = wt.maskable_positions(ids, attention, special_ids(tokenizer))
-    masked_ids, is_masked = wt.mask_tokens(
+    maskable = rtd.maskable_positions(ids, attention, special_ids(tokenizer))
+    masked_ids, is_masked = rtd.mask_tokens(
         ids, maskable, tokenizer.mask_token_id, generator=torch.Generator().manual_seed(1)
     )
 
@@ -46,9 +46,9 @@ def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
     assert torch.equal(masked_ids[~is_masked], ids[~is_masked]), "unmasked tokens changed"
 
     rate = is_masked.sum().item() / maskable.sum().item()
-    assert abs(rate - wt.MASK_PROB) < 0.01, rate
+    assert abs(rate - rtd.MASK_PROB) < 0.01, rate
     became_mask = masked_ids[is_masked] == tokenizer.mask_token_id
-    assert abs(became_mask.float().mean().item() - wt.MASK_TOKEN_FRACTION) < 0.02
+    assert abs(became_mask.float().mean().item() - rtd.MASK_TOKEN_FRACTION) < 0.02
     kept = ~became_mask
     assert torch.equal(masked_ids[is_masked][kept], ids[is_masked][kept]), "the other 15% must stay unchanged"
     assert (masked_ids == tokenizer.mask_token_id).sum() == became_mask.sum(), (
@@ -58,26 +58,26 @@ def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
 
 def test_mask_prob_is_honoured(tokenizer):
     ids, attention = padded_batch(tokenizer, seed=3)
-    maskable = wt.maskable_positions(ids, attention, special_ids(tokenizer))
-    _, is_masked = wt.mask_tokens(ids, maskable, tokenizer.mask_token_id, mask_prob=0.4)
+    maskable = rtd.maskable_positions(ids, attention, special_ids(tokenizer))
+    _, is_masked = rtd.mask_tokens(ids, maskable, tokenizer.mask_token_id, mask_prob=0.4)
     assert abs(is_masked.sum().item() / maskable.sum().item() - 0.4) < 0.015
 
 
 def test_sampling_follows_the_generator_distribution_in_fp32():
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = probs.clamp_min(1e-12).log().to(torch.bfloat16).expand(40_000, -1)
-    sampled = wt.sample_tokens(logits, generator=torch.Generator().manual_seed(0))
+    sampled = rtd.sample_tokens(logits, generator=torch.Generator().manual_seed(0))
     assert sampled.dtype == torch.long and sampled.shape == (40_000,)
     frequencies = torch.bincount(sampled, minlength=4).float() / len(sampled)
     assert torch.allclose(frequencies, probs, atol=0.01), frequencies
-    assert wt.sample_tokens(torch.tensor([[0.0, 30.0, 0.0]], requires_grad=True)).item() == 1
+    assert rtd.sample_tokens(torch.tensor([[0.0, 30.0, 0.0]], requires_grad=True)).item() == 1
 
 
 def test_a_sample_equal_to_the_original_counts_as_original():
     ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
     is_masked = torch.tensor([[False, True, True, False, True, False]])
     sampled = torch.tensor([10, 40, 13])  # same, different, same
-    replaced, labels = wt.replace_tokens(ids, is_masked, sampled)
+    replaced, labels = rtd.replace_tokens(ids, is_masked, sampled)
     assert replaced.tolist() == [[2, 10, 40, 12, 13, 3]]
     assert labels.tolist() == [[0, 0, 1, 0, 0, 0]]
 
@@ -92,7 +92,7 @@ def tiny_pair(tokenizer, num_experts: int = 1):
 
 def test_generator_and_discriminator_share_one_embedding_module(tokenizer):
     generator, discriminator = tiny_pair(tokenizer)
-    model = wt.ElectraPretrainingModel(generator, discriminator, tokenizer)
+    model = rtd.ElectraPretrainingModel(generator, discriminator, tokenizer)
     disc_embeddings = model.discriminator.electra.embeddings
     assert model.generator.electra.embeddings is disc_embeddings
     assert model.generator.generator_lm_head.weight is disc_embeddings.word_embeddings.weight
@@ -105,7 +105,7 @@ def test_generator_and_discriminator_share_one_embedding_module(tokenizer):
 def test_loss_combines_weighted_mlm_rtd_and_router_losses(tokenizer):
     torch.manual_seed(0)
     generator, discriminator = tiny_pair(tokenizer, num_experts=4)
-    model = wt.ElectraPretrainingModel(generator, discriminator, tokenizer, gen_weight=2.0, disc_weight=7.0)
+    model = rtd.ElectraPretrainingModel(generator, discriminator, tokenizer, gen_weight=2.0, disc_weight=7.0)
     ids, attention = padded_batch(tokenizer)
     out = model(ids[:8, :64], attention[:8, :64])
     # Each model's router loss is weighted like its own task loss (Switch's relative weighting).
@@ -120,7 +120,7 @@ def test_loss_combines_weighted_mlm_rtd_and_router_losses(tokenizer):
 def test_no_gradient_reaches_the_generator_through_sampling(tokenizer):
     torch.manual_seed(0)
     generator, discriminator = tiny_pair(tokenizer)
-    model = wt.ElectraPretrainingModel(generator, discriminator, tokenizer, gen_weight=0.0)
+    model = rtd.ElectraPretrainingModel(generator, discriminator, tokenizer, gen_weight=0.0)
     ids, attention = padded_batch(tokenizer)
     model(ids[:8, :64], attention[:8, :64])["loss"].backward()
     generator_only = [
@@ -145,7 +145,7 @@ def test_mask_id_comes_from_the_tokenizer(tmp_path):
 
     torch.manual_seed(0)
     generator, discriminator = tiny_pair(tokenizer)
-    model = wt.ElectraPretrainingModel(generator, discriminator, tokenizer)
+    model = rtd.ElectraPretrainingModel(generator, discriminator, tokenizer)
     seen = {}
     generator.electra.register_forward_pre_hook(lambda module, args: seen.setdefault("ids", args[0]))
     ids, attention = padded_batch(tokenizer)

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 import modeling_electra
+import rtd
 import wikitext_trainer as wt
 from conftest import REPO_ROOT
 from pretrain_utils import read_metrics, trainer_argv
@@ -52,7 +53,9 @@ def test_losses_fall_and_the_discriminator_beats_the_all_original_baseline(finis
     final = validation[-1]
     assert final["disc_accuracy"] > final["disc_baseline_accuracy"], final
     assert final["disc_f1"] > 0.05
-    assert 0.05 < final["replaced_fraction"] < wt.MASK_PROB, "replaced tokens: masked and sampled differently"
+    assert 0.05 < final["replaced_fraction"] < rtd.MASK_PROB, (
+        "replaced tokens: masked and sampled differently"
+    )
     assert final["gen_accuracy"] > 0.05
 
 

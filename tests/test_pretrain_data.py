@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+import pretrain_data
 import wikitext_trainer as wt
 from pretrain_utils import SEQ_LEN, TRAIN_FILE, VALID_FILE, trainer_argv
 
@@ -29,7 +30,7 @@ WIKITEXT_SAMPLE = [
 
 
 def test_wikitext_lines_are_grouped_into_articles():
-    articles = wt.group_into_articles(WIKITEXT_SAMPLE)
+    articles = pretrain_data.group_into_articles(WIKITEXT_SAMPLE)
     assert len(articles) == 2, "sub-headings (= = x = =) must not start an article"
     first = articles[0].split("\n")
     assert first[0] == "Valkyria Chronicles"
@@ -40,8 +41,8 @@ def test_wikitext_lines_are_grouped_into_articles():
 
 
 def test_blocks_are_cls_text_sep_cut_from_the_joined_articles(tokenizer):
-    articles = wt.group_into_articles(TRAIN_FILE.read_text().splitlines())
-    blocks = wt.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
+    articles = pretrain_data.group_into_articles(TRAIN_FILE.read_text().splitlines())
+    blocks = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
     assert len(blocks) > 100
     assert all(
         len(b) == SEQ_LEN and b[0] == tokenizer.cls_token_id and b[-1] == tokenizer.sep_token_id
@@ -62,16 +63,16 @@ def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer
     train = tmp_path / "train.txt"
     train.write_text(TRAIN_FILE.read_text())
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--train_file", str(train)))
-    first = wt.prepare_blocks(args, tokenizer, wt.describe_data_source(args))
+    first = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     assert first["train"].shape[1] == SEQ_LEN and first["train"].dtype == np.int32
     assert len(first["validation"]) > 0
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the raw data was loaded again despite a matching cache")
 
-    monkeypatch.setattr(wt, "load_raw_splits", no_tokenizing)
+    monkeypatch.setattr(pretrain_data, "load_raw_splits", no_tokenizing)
     caplog.clear()
-    second = wt.prepare_blocks(args, tokenizer, wt.describe_data_source(args))
+    second = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     assert "Reusing tokenized data cache" in caplog.text
     for split in ("train", "validation"):
         assert np.array_equal(first[split], second[split])
@@ -79,7 +80,7 @@ def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer
     monkeypatch.undo()
     with open(train, "a") as handle:
         handle.write(" = A New Article = \n the cat sat on the mat . \n")
-    changed = wt.prepare_blocks(args, tokenizer, wt.describe_data_source(args))
+    changed = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     assert len(changed["train"]) + len(changed["validation"]) >= len(first["train"]) + len(
         first["validation"]
     )
@@ -89,7 +90,7 @@ def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer
 def test_without_a_validation_file_a_share_of_train_is_held_out(tmp_path, tokenizer):
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--validation_split_percentage", "10"))
     args.validation_file = None
-    blocks = wt.prepare_blocks(args, tokenizer, wt.describe_data_source(args))
+    blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     total = len(blocks["train"]) + len(blocks["validation"])
     assert abs(len(blocks["validation"]) - 0.1 * total) <= 1
     train_rows = {row.tobytes() for row in blocks["train"]}
@@ -170,15 +171,18 @@ def test_train_tokenizer_builds_a_vocabulary_and_saves_it_with_the_model(tmp_pat
 
 def test_valid_file_is_used_as_given(tmp_path, vocab_dir, tokenizer):
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir))
-    blocks = wt.prepare_blocks(args, tokenizer, wt.describe_data_source(args))
-    articles = wt.group_into_articles(VALID_FILE.read_text().splitlines())
-    expected = wt.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
+    blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
+    articles = pretrain_data.group_into_articles(VALID_FILE.read_text().splitlines())
+    expected = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
     assert blocks["validation"].tolist() == expected
 
 
 def test_ranks_together_see_the_single_process_global_batches():
-    single = wt.epoch_batches(103, batch_size=8, epoch=1, seed=42)
-    ranks = [wt.epoch_batches(103, batch_size=4, epoch=1, seed=42, rank=r, world_size=2) for r in range(2)]
+    single = pretrain_data.epoch_batches(103, batch_size=8, epoch=1, seed=42)
+    ranks = [
+        pretrain_data.epoch_batches(103, batch_size=4, epoch=1, seed=42, rank=r, world_size=2)
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for step, batch in enumerate(single):
         together = np.concatenate([ranks[0][step], ranks[1][step]])

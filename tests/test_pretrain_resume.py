@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import run_state
 import wikitext_trainer as wt
 from conftest import REPO_ROOT
 from pretrain_utils import assert_same_weights, final_weights, read_metrics, trainer_argv
@@ -45,20 +46,20 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches_the_uninterrupted_run(
         pytest.skip("signal handlers can only be installed from the main thread")
     cache, expected_weights, expected_metrics = reference
     argv = trainer_argv(tmp_path, vocab_dir, *RESUME_FLAGS, cache=cache)
-    write_metrics = wt.write_metrics
+    write_metrics = run_state.write_metrics
 
     def signal_after_step_4(run_dir, record):
         write_metrics(run_dir, record)
         if record["step"] == 4 and record["split"] == "train":
             os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the trainer's handler
 
-    monkeypatch.setattr(wt, "write_metrics", signal_after_step_4)
-    assert wt.main(argv) == wt.REQUEUE_EXIT_CODE
+    monkeypatch.setattr(run_state, "write_metrics", signal_after_step_4)
+    assert wt.main(argv) == run_state.REQUEUE_EXIT_CODE
     run_dir = tmp_path / "out" / "run"
-    assert [step for step, _ in wt.list_checkpoints(run_dir)] == [3, 4]
+    assert [step for step, _ in run_state.list_checkpoints(run_dir)] == [3, 4]
     assert not (run_dir / "discriminator").exists(), "an interrupted run must not look finished"
 
-    monkeypatch.setattr(wt, "write_metrics", write_metrics)
+    monkeypatch.setattr(run_state, "write_metrics", write_metrics)
     assert wt.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
     assert_same_weights(final_weights(run_dir), expected_weights)
     resumed = read_metrics(run_dir, "train")
@@ -71,22 +72,22 @@ def test_a_crash_during_a_save_resumes_from_the_previous_checkpoint(
 ):
     cache, expected_weights, _ = reference
     argv = trainer_argv(tmp_path, vocab_dir, *RESUME_FLAGS, cache=cache)
-    write_trainer_state = wt.write_trainer_state
+    write_trainer_state = run_state.write_trainer_state
 
     def crash_while_saving_step_6(directory, state):
         if state["global_step"] == 6:
             raise RuntimeError("simulated kill during checkpoint save")
         write_trainer_state(directory, state)
 
-    monkeypatch.setattr(wt, "write_trainer_state", crash_while_saving_step_6)
+    monkeypatch.setattr(run_state, "write_trainer_state", crash_while_saving_step_6)
     with pytest.raises(RuntimeError, match="simulated kill"):
         wt.main(argv)
     run_dir = tmp_path / "out" / "run"
     partial = run_dir / "checkpoints" / "tmp-checkpoint-6"
     assert partial.is_dir() and any(partial.iterdir()), "the save should have been cut off half-way"
-    assert [step for step, _ in wt.list_checkpoints(run_dir)] == [3]
+    assert [step for step, _ in run_state.list_checkpoints(run_dir)] == [3]
 
-    monkeypatch.setattr(wt, "write_trainer_state", write_trainer_state)
+    monkeypatch.setattr(run_state, "write_trainer_state", write_trainer_state)
     caplog.set_level("INFO", logger="wikitext_trainer")
     assert wt.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
     assert "checkpoint-3 at step 3" in caplog.text
@@ -100,7 +101,7 @@ def test_checkpoints_rotate_and_resume_refuses_an_incomplete_path(tmp_path, voca
     )
     assert wt.main(argv) == 0
     run_dir = tmp_path / "out" / "run"
-    assert [step for step, _ in wt.list_checkpoints(run_dir)] == [4, 5]
+    assert [step for step, _ in run_state.list_checkpoints(run_dir)] == [4, 5]
     state = json.loads((run_dir / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["global_step"] == 5
 
@@ -137,8 +138,8 @@ def test_sigusr1_in_a_real_process_checkpoints_and_exits_with_the_requeue_status
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == wt.REQUEUE_EXIT_CODE, stderr[-2000:]
-    checkpoints = wt.list_checkpoints(run_dir)
+    assert process.returncode == run_state.REQUEUE_EXIT_CODE, stderr[-2000:]
+    checkpoints = run_state.list_checkpoints(run_dir)
     assert len(checkpoints) == 1
     step, path = checkpoints[0]
     assert step >= 1 and (path / "optimizer.bin").is_file()

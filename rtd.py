@@ -1,0 +1,257 @@
+"""ELECTRA's replaced-token-detection objective (Clark et al. 2020): mask, generate, replace, detect.
+
+`ElectraPretrainingModel.forward` is the whole objective in one place: mask 15% of the real tokens, let the
+small generator (a masked LM) predict them, sample replacements from its output, and train the
+discriminator to tell every original token from a replaced one. `MetricWindow` turns the statistics the
+forward returns into the logged metrics. Constants follow google-research/electra
+(`configure_pretraining.py`, `pretrain_helpers.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_PROB = 0.15
+# pretrain_helpers.mask(): 85% of the selected positions become [MASK], the other 15% stay unchanged.
+MASK_TOKEN_FRACTION = 0.85
+GEN_WEIGHT = 1.0
+DISC_WEIGHT = 50.0
+
+
+def maskable_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_token_ids: torch.Tensor
+) -> torch.Tensor:
+    """Positions the masking may pick: real tokens that are not special ([CLS], [SEP], [PAD], [MASK], ...)."""
+    return attention_mask.bool() & ~torch.isin(input_ids, special_token_ids)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_token_id: int,
+    mask_prob: float = MASK_PROB,
+    mask_token_fraction: float = MASK_TOKEN_FRACTION,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select `mask_prob` of the maskable positions; 85% of them become `[MASK]`, the rest stay unchanged.
+
+    Returns `(masked_input_ids, is_masked)`. `maskable` is False for special tokens and padding.
+    """
+    draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    is_masked = (draws < mask_prob) & maskable
+    keep_draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    use_mask_token = is_masked & (keep_draws < mask_token_fraction)
+    return input_ids.masked_fill(use_mask_token, mask_token_id), is_masked
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one token per row at temperature 1 by the Gumbel-max trick, in fp32 and without gradient."""
+    logits = logits.detach().float()
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    tiny = torch.finfo(torch.float32).tiny
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 1e-7)))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+def replace_tokens(
+    input_ids: torch.Tensor, is_masked: torch.Tensor, sampled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put the sampled tokens at the masked positions; a token is "replaced" only if it differs.
+
+    Returns `(discriminator_input_ids, replaced_labels)`: a sample equal to the original counts as original.
+    """
+    replaced_ids = input_ids.masked_scatter(is_masked, sampled.to(input_ids.dtype))
+    return replaced_ids, (replaced_ids != input_ids).long()
+
+
+def tie_generator_to_discriminator(generator: nn.Module, discriminator: nn.Module) -> None:
+    """Share token, position and type embeddings (one module), as in ELECTRA; the LM head stays tied."""
+    generator.electra.embeddings = discriminator.electra.embeddings
+    generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
+
+
+class ElectraPretrainingModel(nn.Module):
+    """Generator and discriminator in one module, so accelerate/DDP sees a single forward and backward.
+
+    `forward(input_ids)` returns the combined loss `gen_weight * (MLM + generator router loss) +
+    disc_weight * (RTD + discriminator router loss)` and detached statistics for logging (`stats/*`: sums
+    and counts, so they can be summed over batches and processes).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        tokenizer: Any,
+        mask_prob: float = MASK_PROB,
+        gen_weight: float = GEN_WEIGHT,
+        disc_weight: float = DISC_WEIGHT,
+    ):
+        super().__init__()
+        tie_generator_to_discriminator(generator, discriminator)
+        # Registered first, so the shared embeddings are named (and checkpointed) as the discriminator's.
+        self.discriminator = discriminator
+        self.generator = generator
+        self.mask_token_id = tokenizer.mask_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.mask_prob = mask_prob
+        self.gen_weight = gen_weight
+        self.disc_weight = disc_weight
+        special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.register_buffer("special_token_ids", special_ids, persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_token_id).long()
+        active = attention_mask.bool()
+
+        # 1. Mask: pick positions among the real, non-special tokens.
+        maskable = maskable_positions(input_ids, attention_mask, self.special_token_ids)
+        masked_ids, is_masked = mask_tokens(input_ids, maskable, self.mask_token_id, self.mask_prob)
+
+        # 2. Generator: MLM logits only at the masked positions (ELECTRA gathers them the same way).
+        gen_out = self.generator.electra(masked_ids, attention_mask)
+        gen_hidden = self.generator.generator_predictions(gen_out.last_hidden_state[is_masked])
+        gen_logits = self.generator.generator_lm_head(gen_hidden).float()
+        targets = input_ids[is_masked]
+        gen_loss = F.cross_entropy(gen_logits, targets) if targets.numel() else gen_logits.sum() * 0.0
+
+        # 3. Replace: sample from the generator (no gradient flows back through the sample).
+        with torch.no_grad():
+            sampled = sample_tokens(gen_logits)
+        disc_input, labels = replace_tokens(input_ids, is_masked, sampled)
+
+        # 4. Discriminator: original vs replaced on every real token.
+        disc_out = self.discriminator(disc_input, attention_mask)
+        disc_logits = disc_out.logits[active].float()
+        disc_labels = labels[active].float()
+        disc_loss = F.binary_cross_entropy_with_logits(disc_logits, disc_labels)
+
+        # 5. Combine. Each model's router loss is weighted like its own task loss, so router_aux_loss_coef
+        # keeps the meaning it has in Switch Transformer (relative to the task loss) despite RTD's weight 50.
+        router_loss = self.gen_weight * gen_out.router_loss + self.disc_weight * disc_out.router_loss
+        loss = self.gen_weight * gen_loss + self.disc_weight * disc_loss + router_loss
+        stats = rtd_statistics(
+            loss,
+            gen_loss,
+            disc_loss,
+            router_loss,
+            gen_out,
+            disc_out,
+            gen_logits,
+            targets,
+            disc_logits,
+            disc_labels,
+        )
+        return {"loss": loss, **{f"stats/{name}": value for name, value in stats.items()}}
+
+
+@torch.no_grad()
+def rtd_statistics(
+    loss: torch.Tensor,
+    gen_loss: torch.Tensor,
+    disc_loss: torch.Tensor,
+    router_loss: torch.Tensor,
+    gen_out: Any,
+    disc_out: Any,
+    gen_logits: torch.Tensor,
+    targets: torch.Tensor,
+    disc_logits: torch.Tensor,
+    disc_labels: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Detached sums and counts of one forward, summable over micro-batches and processes."""
+    predicted = disc_logits > 0
+    actual = disc_labels > 0.5
+    stats = {
+        "loss": loss.detach(),
+        "gen_loss": gen_loss.detach(),
+        "disc_loss": disc_loss.detach(),
+        "router_loss": router_loss.detach(),
+        "gen_router_loss": gen_out.router_loss.detach(),
+        "disc_router_loss": disc_out.router_loss.detach(),
+        "aux_loss": disc_out.aux_loss.detach(),
+        "z_loss": disc_out.z_loss.detach(),
+        "masked": torch.tensor(float(targets.numel()), device=loss.device),
+        "gen_correct": (gen_logits.argmax(-1) == targets).sum().float(),
+        "tokens": torch.tensor(float(disc_labels.numel()), device=loss.device),
+        "disc_correct": (predicted == actual).sum().float(),
+        "replaced": actual.sum().float(),
+        "predicted_replaced": predicted.sum().float(),
+        "true_positives": (predicted & actual).sum().float(),
+    }
+    for prefix, out in (("", disc_out), ("gen_", gen_out)):
+        if out.expert_load is not None:
+            stats[f"{prefix}expert_load"] = out.expert_load.detach().float()
+            stats[f"{prefix}router_entropy"] = out.router_entropy.detach().float()
+            stats[f"{prefix}dropped_fraction"] = out.dropped_fraction.detach().float()
+    if gen_out.expert_load is not None:
+        stats["gen_aux_loss"] = gen_out.aux_loss.detach()
+        stats["gen_z_loss"] = gen_out.z_loss.detach()
+    return stats
+
+
+class MetricWindow:
+    """Sums the model's statistics over micro-batches; `summary` reduces over processes into metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+
+    def add(self, outputs: dict[str, torch.Tensor]) -> None:
+        for name, value in outputs.items():
+            if name.startswith("stats/"):
+                key = name[len("stats/") :]
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.batches += 1
+
+    def summary(self, accelerator: Any) -> dict[str, Any]:
+        device = next(iter(self.sums.values())).device
+        sums = dict(self.sums, batches=torch.tensor(float(self.batches), device=device))
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        batches = sums["batches"].item()
+        mean = {name: (value / batches) for name, value in sums.items()}
+        replaced, predicted, tp = (
+            sums[k].item() for k in ("replaced", "predicted_replaced", "true_positives")
+        )
+        tokens = sums["tokens"].item()
+        metrics: dict[str, Any] = {
+            "loss": mean["loss"].item(),
+            "gen_loss": mean["gen_loss"].item(),
+            "disc_loss": mean["disc_loss"].item(),
+            "router_loss": mean["router_loss"].item(),
+            "gen_accuracy": sums["gen_correct"].item() / max(sums["masked"].item(), 1.0),
+            "disc_accuracy": sums["disc_correct"].item() / max(tokens, 1.0),
+            # Replaced-token F1 (positive class: replaced); 0 when nothing is predicted or replaced.
+            "disc_f1": 2 * tp / max(replaced + predicted, 1.0),
+            "disc_precision": tp / max(predicted, 1.0),
+            "disc_recall": tp / max(replaced, 1.0),
+            # Accuracy of always answering "original": what disc_accuracy must beat.
+            "disc_baseline_accuracy": 1.0 - replaced / max(tokens, 1.0),
+            "replaced_fraction": replaced / max(tokens, 1.0),
+            "aux_loss": mean["aux_loss"].item(),
+            "z_loss": mean["z_loss"].item(),
+        }
+        for name in (
+            "expert_load",
+            "router_entropy",
+            "dropped_fraction",
+            "gen_expert_load",
+            "gen_router_entropy",
+        ):
+            if name in mean:
+                metrics[name] = mean[name].tolist()
+        for name in ("gen_aux_loss", "gen_z_loss"):
+            if name in mean:
+                metrics[name] = mean[name].item()
+        return metrics
+
+    @property
+    def tokens(self) -> float:
+        return self.sums["tokens"].item() if "tokens" in self.sums else 0.0
