@@ -176,8 +176,17 @@ TASKS: dict[str, GlueTask] = {
 }
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 DIAGNOSTIC_TASK = "ax"
-# BERT and ELECTRA report the GLUE dev score over 8 tasks, leaving out WNLI (its dev set is adversarial).
+# BERT and ELECTRA leave WNLI out of their GLUE dev averages (its dev set is adversarial): 8 tasks.
 GLUE_SCORE_TASKS = tuple(t for t in GLUE_TASKS if t != "wnli")
+# How a task's metrics make its one score; results tables print both conventions, each named.
+SCORE_CONVENTIONS = {
+    "glue": "GLUE leaderboard: mean of a task's metrics (MRPC/QQP F1 and accuracy, STS-B Pearson and "
+    "Spearman, MNLI matched and mismatched accuracy)",
+    "electra": "ELECTRA paper (Clark et al. 2020): CoLA MCC, STS-B Spearman, accuracy for the rest "
+    "(MNLI matched)",
+}
+# The ELECTRA paper's metric where it is not accuracy.
+ELECTRA_SCORE_METRIC = {"cola": "matthews_correlation", "stsb": "spearmanr"}
 # Suffix transformers' run_glue example gives MNLI mismatched metrics.
 MISMATCHED_SUFFIX = "_mm"
 # run_glue.py's output layout, read by gather_glue_results.py and `run_study.py --resume`. The results file is
@@ -404,9 +413,14 @@ def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) ->
     return result
 
 
-def task_score(task_name: str, metrics: dict[str, float]) -> float:
-    """A task's GLUE score: the mean of its metrics (MNLI: matched and mismatched accuracy).
+def task_score(task_name: str, metrics: dict[str, float], convention: str = "glue") -> float:
+    """A task's score in one of `SCORE_CONVENTIONS`: "glue" (the GLUE leaderboard's mean of the task's
+    metrics; MNLI: matched and mismatched accuracy) or "electra" (the ELECTRA paper's single metric).
 
     `metrics` uses eval_results.json keys; raises KeyError naming a missing metric.
     """
+    if convention == "electra":
+        return float(metrics[f"eval_{ELECTRA_SCORE_METRIC.get(task_name, 'accuracy')}"])
+    if convention != "glue":
+        raise ValueError(f"score convention must be one of {list(SCORE_CONVENTIONS)}, got {convention!r}")
     return float(np.mean([metrics[key] for key in eval_metric_keys(task_name)]))

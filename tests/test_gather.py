@@ -21,11 +21,22 @@ def summary_by_model(path):
     return pd.read_csv(path).set_index("model")
 
 
-def markdown_rows(table: str) -> list[list[str]]:
-    """The cells of a printed markdown table, header first (the separator line dropped)."""
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
-    return [rows[0], *rows[2:]]
+def markdown_tables(printed: str) -> dict[str, list[list[str]]]:
+    """Each printed markdown table by its title: the cells, header first (the separator line dropped)."""
+    tables: dict[str, list[list[str]]] = {}
+    title = None
+    for line in printed.splitlines():
+        if line.startswith("**"):
+            title, tables[line.strip("*")] = line.strip("*"), []
+        elif line.startswith("|") and not line.startswith("|:") and not line.startswith("|-"):
+            tables[title].append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return tables
+
+
+def markdown_rows(printed: str, convention: str = "GLUE leaderboard") -> list[list[str]]:
+    """The table of one score convention (not the paired differences)."""
+    return next(rows for title, rows in markdown_tables(printed).items()
+                if title.startswith(convention) and "Paired" not in title)  # fmt: skip
 
 
 def markdown_row(table: str, model: str) -> list[str]:
@@ -77,7 +88,8 @@ def test_summary_and_long_tables(tree, capsys):
     assert long[long.model == "original_study_4experts"]["seed"].isna().all()
 
     table = capsys.readouterr().out
-    assert markdown_row(table, "dense")[:6] == ["dense", "tiny", "1", "1", "-", "21.5 ± 0.7 (2)"]
+    # 95% CI of two seeds 21.5 +- 0.707: t(0.975, 1) = 12.706, half width 12.706 * 0.707 / sqrt(2) = 6.35
+    assert markdown_row(table, "dense")[:6] == ["dense", "tiny", "1", "1", "-", "21.5 ± 0.7 [15.1, 27.9] (2)"]
     assert markdown_row(table, "moe4_top1")[:5] == ["moe4_top1", "tiny", "4", "1", "dropless"]
     assert markdown_row(table, "moe8_top2_cap1.25")[4] == "1.25"
     assert markdown_row(table, "moe8_top1_partial").count("missing") == 6  # five tasks and the GLUE score
@@ -128,8 +140,9 @@ def test_include_wnli_and_latex(tree, capsys):
     assert summary.loc["dense", "glue_score"] == pytest.approx(51.5 + 100 * 0.98 / 9)
     assert summary.loc["dense", "glue_tasks"] == 9
     latex = capsys.readouterr().out
-    assert latex.startswith(r"\begin{tabular}") and r"\toprule" in latex and r"\end{tabular}" in latex
-    assert r"21.5 $\pm$ 0.7 (2)" in latex
+    assert latex.startswith("% GLUE leaderboard") and latex.count(r"\begin{tabular}") == 2
+    assert "\n% ELECTRA paper" in latex and r"\toprule" in latex and r"\end{tabular}" in latex
+    assert r"21.5 $\pm$ 0.7 [15.1, 27.9] (2)" in latex
     assert r"moe8\_top2\_cap1.25" in latex and "GLUE (9 tasks)" in latex
 
 
@@ -169,3 +182,85 @@ def test_empty_tree_is_an_error(tmp_path, caplog):
     assert gather_glue_results.main([str(tmp_path)]) == gather_glue_results.EXIT_NO_RESULTS
     assert "no usable eval_results.json" in caplog.text
     assert not (tmp_path / "glue_results_summary.csv").exists()
+
+
+def test_both_score_conventions_are_reported_and_named(tree, capsys):
+    assert gather_glue_results.main([str(tree)]) == 0
+    dense = summary_by_model(tree / "glue_results_summary.csv").loc["dense"]
+    # ELECTRA's paper: MRPC accuracy (value - spread), STS-B Spearman (value - spread), MNLI matched (+ spread)
+    assert dense["electra_mrpc_mean"] == pytest.approx(dense["mrpc_mean"] - 5)
+    assert dense["electra_stsb_mean"] == pytest.approx(dense["stsb_mean"] - 5)
+    assert dense["electra_mnli_mean"] == pytest.approx(dense["mnli_mean"] + 5)
+    assert dense["electra_cola_mean"] == pytest.approx(dense["cola_mean"])
+    assert dense["electra_glue_score"] == pytest.approx(65.0 - 100 * (3 * 0.05 - 0.05) / 8)
+    printed = capsys.readouterr().out
+    electra = markdown_rows(printed, "ELECTRA paper")
+    mrpc = electra[0].index("mrpc")
+    assert next(row for row in electra if row[0] == "dense")[mrpc].startswith(
+        f"{dense['electra_mrpc_mean']:.1f} ± "
+    )
+    assert "as BERT and ELECTRA report" not in printed + (gather_glue_results.__doc__ or "")
+    scores = pd.read_csv(tree / "glue_results_scores.csv")
+    row = scores[(scores.model == "dense") & (scores.task == "mrpc") & (scores.seed == 1)]
+    assert (row["glue_score"].item(), row["electra_score"].item()) == (
+        pytest.approx(71.0),
+        pytest.approx(66.0),
+    )
+
+
+def test_confidence_interval_and_paired_difference_known_answers():
+    # 1, 2, 3: mean 2, std 1, half width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    stats = gather_glue_results.interval([1.0, 2.0, 3.0])
+    assert (stats["mean"], stats["std"], stats["n"]) == (2.0, 1.0, 3)
+    assert (stats["ci95_low"], stats["ci95_high"]) == (
+        pytest.approx(2 - 2.48414, abs=1e-5),
+        pytest.approx(2 + 2.48414, abs=1e-5),
+    )
+    assert math.isnan(gather_glue_results.interval([5.0])["ci95_low"])
+    # Seeds 1-4 shared (differences 1, 2, 1, 2), seed 5 baseline only, seed 6 model only.
+    model = pd.Series([10.0, 12.0, 11.0, 13.0, 50.0], index=[1, 2, 3, 4, 6])
+    base = pd.Series([9.0, 10.0, 10.0, 11.0, 0.0], index=[1, 2, 3, 4, 5])
+    diff = gather_glue_results.paired_difference(model, base)
+    # mean 1.5, std 0.57735, half width t(0.975, 3) * 0.57735 / 2 = 0.91869; t = 5.196, p = 0.013847
+    assert (diff["diff"], diff["diff_n"]) == (pytest.approx(1.5), 4)
+    assert (diff["diff_ci95_low"], diff["diff_ci95_high"]) == (
+        pytest.approx(0.58131, abs=1e-5),
+        pytest.approx(2.41869, abs=1e-5),
+    )
+    assert diff["diff_p"] == pytest.approx(0.0138468, abs=1e-6)
+
+
+def test_baseline_differences_in_csv_and_table(tmp_path, capsys):
+    root = tmp_path / "results"
+    accuracies = {
+        "base": {1: 0.09, 2: 0.10, 3: 0.10, 4: 0.11, 5: 0.5},
+        "moe": {1: 0.10, 2: 0.12, 3: 0.11, 4: 0.13, 6: 0.9},
+    }
+    for model, by_seed in accuracies.items():
+        for seed, accuracy in by_seed.items():
+            run_dir = root / model / "rte" / f"seed_{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "eval_results.json").write_text(json.dumps({"eval_accuracy": accuracy}))
+            (run_dir / "config.json").write_text(json.dumps({"model_type": "electra_moe", "num_experts": 1}))
+    assert gather_glue_results.main([str(root), "--baseline", "base"]) == 0
+    moe = summary_by_model(root / "glue_results_summary.csv").loc["moe"]
+    assert (moe["rte_diff"], moe["rte_diff_n"], moe["rte_diff_p"]) == (
+        pytest.approx(1.5),
+        4,
+        pytest.approx(0.0138468, abs=1e-6),
+    )
+    assert (moe["rte_diff_ci95_low"], moe["rte_diff_ci95_high"]) == (
+        pytest.approx(0.58131, abs=1e-4),
+        pytest.approx(2.41869, abs=1e-4),
+    )
+    assert moe["electra_rte_diff"] == pytest.approx(1.5)
+    assert summary_by_model(root / "glue_results_summary.csv").loc["base", "rte_diff"] == 0.0
+    tables = markdown_tables(capsys.readouterr().out)
+    paired = next(
+        rows
+        for title, rows in tables.items()
+        if title.startswith("GLUE leaderboard") and "Paired difference to base" in title
+    )
+    assert [row[0] for row in paired[1:]] == ["moe"]
+    assert paired[1][paired[0].index("rte")] == "+1.5 [+0.6, +2.4] p=0.014 (4)"
+    assert gather_glue_results.main([str(root), "--baseline", "nope"]) == gather_glue_results.EXIT_NO_RESULTS

@@ -62,3 +62,15 @@ def test_metric_keys_and_task_score():
     assert task_score("mrpc", {"eval_f1": 0.9, "eval_accuracy": 0.8}) == pytest.approx(0.85)
     with pytest.raises(KeyError, match="eval_spearmanr"):
         task_score("stsb", {"eval_pearson": 0.5})
+
+
+def test_electra_paper_score_convention():
+    """ELECTRA reports one metric per task: MCC, Spearman, else accuracy (MNLI matched)."""
+    metrics = {"eval_f1": 0.9, "eval_accuracy": 0.8, "eval_accuracy_mm": 0.7, "eval_pearson": 0.6,
+               "eval_spearmanr": 0.5, "eval_matthews_correlation": 0.4}  # fmt: skip
+    expected = {"cola": 0.4, "stsb": 0.5, "mrpc": 0.8, "qqp": 0.8, "mnli": 0.8, "rte": 0.8, "sst2": 0.8}
+    for task, value in expected.items():
+        assert task_score(task, metrics, "electra") == pytest.approx(value), task
+    assert task_score("stsb", metrics, "glue") == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="convention"):
+        task_score("rte", metrics, "paper")
