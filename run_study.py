@@ -115,7 +115,8 @@ def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: P
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    cell.source = (
+    # Appended, as papermill injects parameters: parameters not set here keep the notebook's defaults.
+    cell.source += "\n" + (
         f"SUMMARY_CSV = {str(summary_csv)!r}\n"
         f"PRETRAIN_DIR = {str(pretrain_dir) if pretrain_dir else None!r}\n"
         f"FIGURE_DIR = {str(figure_dir)!r}\n"

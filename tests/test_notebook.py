@@ -1,5 +1,6 @@
 """The results notebook runs headless on fixture results and saves every figure as a PNG."""
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -15,6 +16,7 @@ EXPECTED_FIGURES = [
     "glue_task_scores.png",
     "glue_score_heatmap.png",
     "glue_delta_vs_dense.png",
+    *[f"glue_paired_difference_{task}.png" for task in ("cola", "sst2", "mrpc", "stsb", "rte", "wnli")],
     "pretraining_curves.png",
     "expert_load_pretrain_run.png",
 ]
@@ -48,10 +50,34 @@ def test_notebook_executes_and_saves_pngs(tmp_path):
         path = figures / name
         assert path.is_file(), f"{name} not saved"
         assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 10_000
-    printed = "".join(
+    printed = stream_text(notebook)
+    assert "saved figures:" in printed
+    assert "scores: ELECTRA paper" in printed  # the notebook names the convention it plots
+    assert "heatmap shows the mean" not in printed
+
+
+def stream_text(notebook) -> str:
+    return "".join(
         output.get("text", "")
         for cell in notebook.cells
         for output in cell.get("outputs", [])
         if output.output_type == "stream"
     )
-    assert "saved figures:" in printed
+
+
+@pytest.mark.slow
+def test_heatmap_falls_back_to_the_common_tasks_mean(tmp_path):
+    """A mini-study (CoLA, SST-2, RTE, WNLI) has no GLUE score: the heatmap shows the common-task mean."""
+    results = make_results_tree(tmp_path / "results")
+    for task_dir in results.glob("*/*"):
+        if task_dir.is_dir() and task_dir.name not in ("cola", "sst2", "rte", "wnli"):
+            shutil.rmtree(task_dir)
+    shutil.rmtree(results / "original_study_4experts")
+    assert gather_glue_results.main([str(results)]) == 0
+    notebook = run_study.execute_notebook(
+        results / "glue_results_summary.csv", None, tmp_path / "figures", tmp_path / "executed.ipynb"
+    )
+    printed = stream_text(notebook)
+    assert "no configuration has all 8 GLUE tasks: the heatmap shows the mean over cola sst2 rte" in printed
+    assert (tmp_path / "figures" / "glue_score_heatmap.png").is_file()
+    assert (tmp_path / "figures" / "glue_paired_difference_rte.png").is_file()
