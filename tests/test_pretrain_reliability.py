@@ -114,7 +114,9 @@ def test_resume_with_changed_run_defining_flags_is_refused_listing_each(argv, ki
     before = snapshot(killed_in_final_save)
     changed = ("--num_experts", "4", "--batch_size", "4", "--learning_rate", "0.001")
     result = run_trainer(argv(*changed, "--resume_from_checkpoint", "auto"))
-    error = usage_error(result, "--num_experts 2 -> 4", "--batch_size 8 -> 4", "--learning_rate 0.002 -> 0.001")
+    error = usage_error(
+        result, "--num_experts 2 -> 4", "--batch_size 8 -> 4", "--learning_rate 0.002 -> 0.001"
+    )
     assert "--max_training_steps" not in error and "--seed" not in error
     assert snapshot(killed_in_final_save) == before, "a refused resume must leave the run untouched"
 
@@ -270,8 +272,10 @@ def test_a_text_column_that_holds_no_text_is_named(argv, tmp_path):
     data = tmp_path / "train.jsonl"
     line = json.dumps({"text": "the cat sat on the mat " * 8, "id": 3})
     data.write_text((line + "\n") * 50)
-    extra = ["--train_file", str(data), "--validation_file", str(data), "--data_cache_dir", str(tmp_path / "c")]
-    result = run_trainer([*argv(), *extra, "--text_column_name", "id"])
+    files = ["--train_file", str(data), "--validation_file", str(data)]
+    result = run_trainer(
+        [*argv(), *files, "--data_cache_dir", str(tmp_path / "c"), "--text_column_name", "id"]
+    )
     usage_error(result, "--text_column_name id", "int64")
 
 
