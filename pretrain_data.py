@@ -101,8 +101,11 @@ def load_raw_splits(source: dict[str, Any], cache_dir: str) -> dict[str, Any]:
                     cache_dir=os.path.join(cache_dir, "raw"),
                 )
             except Exception as error:
+                cause = error
+                while cause.__cause__ or cause.__context__:  # datasets wraps the reason (e.g. not UTF-8)
+                    cause = cause.__cause__ or cause.__context__
                 raise InputError(
-                    f"could not read --{split}_file {info['path']} as {builder}: {error}"
+                    f"could not read --{split}_file {info['path']} as {builder}: {error} ({cause})"
                 ) from error
     if "train" not in splits:
         raise InputError("the dataset has no 'train' split")
@@ -112,6 +115,12 @@ def load_raw_splits(source: dict[str, Any], cache_dir: str) -> dict[str, Any]:
             raise InputError(
                 f"the {split} data has no column '{column}' (columns: {dataset.column_names}); "
                 "pass --text_column_name"
+            )
+        dtype = getattr(dataset.features[column], "dtype", type(dataset.features[column]).__name__)
+        if dtype not in ("string", "large_string"):
+            raise InputError(
+                f"--text_column_name {column} names a column of {dtype} values in the {split} data, not text; "
+                f"pass the name of a text column (columns: {dataset.column_names})"
             )
     return splits
 

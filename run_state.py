@@ -10,6 +10,8 @@ checkpoint and exit status 75, and `--resume_from_checkpoint auto` continues it 
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
 import logging
 import re
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from outputs import write_json_atomically, write_text_atomically
+from outputs import remove, write_json_atomically, write_text_atomically
 from pretrain_data import InputError
 
 logger = logging.getLogger("wikitext_trainer")
@@ -36,6 +38,18 @@ TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 TRAINING_ARGS_FILE = "training_args.json"
+MANIFEST_FILE = "manifest.json"
+CORRUPT_CHECKPOINT_PREFIX = "corrupt-checkpoint-"
+# What a checkpoint holds besides the RNG states of each process (random_states_<rank>.pkl).
+CHECKPOINT_FILES = ("pytorch_model.bin", "optimizer.bin", TRAINER_STATE_FILE)
+# Errors that mean the disk is full or the file too large for it (ENOSPC, EDQUOT, EFBIG); torch.save
+# reports the same as a RuntimeError from its zip writer.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "unexpected pos")
+
+
+class WriteError(InputError):
+    """A run file could not be written (full disk, read-only folder): reported in one line, exit status 2."""
 
 
 # --- The run folder -------------------------------------------------------------------------------------------
@@ -57,13 +71,46 @@ def check_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
 
 
 def start_run_dir(run_dir: Path, overwrite: bool, resolved_args: dict[str, Any]) -> None:
-    """Create (or empty, with --overwrite_output_dir) the run folder and record the resolved arguments."""
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / CHECKPOINT_DIR).glob(f"{TMP_CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    write_json_atomically(run_dir / TRAINING_ARGS_FILE, resolved_args)
+    """Create (or empty, with --overwrite_output_dir) the run folder, remove what a killed save left behind
+    and record the resolved arguments."""
+    with reporting_write_errors(run_dir):
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        write_json_atomically(run_dir / TRAINING_ARGS_FILE, resolved_args)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Folders a killed save left behind: `checkpoints/tmp-checkpoint-*` and `.tmp-*` of the final models."""
+    stale = [*(run_dir / CHECKPOINT_DIR).glob(f"{TMP_CHECKPOINT_PREFIX}*"), *run_dir.glob(".tmp-*")]
+    stale += (run_dir / CHECKPOINT_DIR).glob(".tmp-*")
+    for path in stale:
+        remove(path)
+
+
+@contextmanager
+def reporting_write_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk (or a file-size limit) while writing `path` into a one-line WriteError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise WriteError(disk_full_message(path, error.strerror)) from error
+    except RuntimeError as error:
+        if not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
+            raise
+        raise WriteError(disk_full_message(path, "torch.save could not write its file")) from error
+
+
+def disk_full_message(path: Path, reason: str) -> str:
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    free = shutil.disk_usage(existing).free / 2**30
+    return (
+        f"could not write {path} ({reason}): the disk is probably full ({free:.1f} GiB free there); "
+        "free some space or pass another --model_save_directory, then resume with --resume_from_checkpoint auto"
+    )
 
 
 # --- Checkpoints ----------------------------------------------------------------------------------------------
@@ -88,8 +135,9 @@ def write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
 def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save_total_limit: int) -> Path:
     """Model, optimizer, scheduler and every process's RNG states, written to a temp dir then renamed.
 
-    `trainer_state.json` (step and data position) is written last, just before the rename, so a kill at any
-    point leaves either the previous checkpoints untouched or a `tmp-checkpoint-*` folder that resume ignores.
+    `trainer_state.json` (step and data position) and then `manifest.json` (size and checksum of every file)
+    are written last, just before the rename, so a kill at any point leaves either the previous checkpoints
+    untouched or a `tmp-checkpoint-*` folder that resume ignores; a resume verifies the manifest.
     """
     root = run_dir / CHECKPOINT_DIR
     final = root / f"checkpoint-{state['global_step']}"
@@ -98,11 +146,19 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # Pickled (not safetensors): the shared generator/discriminator embeddings round-trip as one tensor.
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
+    try:
+        with reporting_write_errors(tmp):
+            # Pickled (not safetensors): the shared generator/discriminator embeddings round-trip as one tensor.
+            accelerator.save_state(str(tmp), safe_serialization=False)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_trainer_state(tmp, state)
+                write_manifest(tmp)
+    except WriteError:
+        if accelerator.is_main_process:
+            remove(tmp)  # give the space back; the previous checkpoints stay as they were
+        raise
     if accelerator.is_main_process:
-        write_trainer_state(tmp, state)
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
@@ -114,18 +170,89 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save
 
 
 def resolve_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names: `auto` = this run's latest (None if it has none)."""
+    """The checkpoint `--resume_from_checkpoint` names, verified against its manifest.
+
+    `auto` takes this run's newest checkpoint that verifies (None if the run has none), warning about each
+    newer one that does not; an explicit PATH that does not verify is an error naming the file.
+    """
     if resume is None:
         return None
-    if resume == "auto":
-        checkpoints = list_checkpoints(run_dir)
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(resume)
-    if not (path / TRAINER_STATE_FILE).is_file():
-        raise InputError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {TRAINER_STATE_FILE})"
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / TRAINER_STATE_FILE).is_file():
+            raise InputError(
+                f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {TRAINER_STATE_FILE})"
+            )
+        problem = checkpoint_problem(path)
+        if problem:
+            raise InputError(f"--resume_from_checkpoint {resume} is corrupt: {problem}")
+        return path
+    checkpoints = list_checkpoints(run_dir)
+    for index in range(len(checkpoints) - 1, -1, -1):
+        _, path = checkpoints[index]
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        fallback = checkpoints[index - 1][1].name if index else "none left"
+        logger.warning(
+            "Skipping corrupt checkpoint %s (%s); falling back to %s", path.name, problem, fallback
         )
-    return path
+    if checkpoints:
+        raise InputError(
+            f"no checkpoint of {run_dir} verifies (see the warnings above); pass --overwrite_output_dir to start over"
+        )
+    return None
+
+
+def set_aside_newer_checkpoints(run_dir: Path, resumed: Path) -> None:
+    """After `auto` fell back past corrupt checkpoints, rename them `corrupt-checkpoint-<step>`: rotation
+    and later resumes never take them, and they stay for inspection."""
+    resumed_step = int(CHECKPOINT_PATTERN.match(resumed.name).group(1))
+    for step, path in list_checkpoints(run_dir):
+        if step > resumed_step:
+            target = path.with_name(f"{CORRUPT_CHECKPOINT_PREFIX}{step}")
+            remove(target)
+            path.rename(target)
+            logger.warning("Renamed the corrupt checkpoint %s to %s", path, target.name)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(directory: Path) -> None:
+    """`manifest.json`: size and SHA-256 of every file of the checkpoint; written last, it marks it complete."""
+    files = {p.name: file_digest(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    write_json_atomically(directory / MANIFEST_FILE, {"files": files})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (naming the file), or None when it verifies."""
+    manifest_path = checkpoint / MANIFEST_FILE
+    if not manifest_path.is_file():  # written before manifests existed: the files must at least be there
+        for name in [*CHECKPOINT_FILES, "random_states_0.pkl"]:
+            path = checkpoint / name
+            if not path.is_file() or path.stat().st_size == 0:
+                return f"{path} is missing or empty"
+        return None
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest_path} is not a valid manifest"
+    for name, entry in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = file_digest(path)
+        if actual["size"] != entry["size"]:
+            return f"{path} has {actual['size']} bytes, the manifest says {entry['size']}"
+        if actual["sha256"] != entry["sha256"]:
+            return f"{path} does not match its checksum in {MANIFEST_FILE}"
+    return None
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> dict[str, int]:
@@ -145,6 +272,65 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> dict[str, int]:
 def rng_devices(accelerator: Any) -> list[int]:
     """The CUDA device whose RNG `torch.random.fork_rng` must save (none on CPU)."""
     return [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+
+
+# --- Resuming: the flags that define the run must match the ones it was started with -------------------------
+
+# May differ on resume: where and how often things are logged, evaluated and saved, and how data is prepared.
+CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
+        "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
+        "overwrite_output_dir", "push_to_hub", "hub_model_id",
+    }
+)  # fmt: skip
+# The step limit may only rise; these follow from it and from run-defining flags already compared.
+STEP_LIMIT_FLAGS = ("max_training_steps", "num_epochs")
+DERIVED_FROM_COMPARED = frozenset({"total_steps", "steps_per_epoch", "validation_blocks"})
+
+
+def check_resume_args(
+    run_dir: Path, checkpoint: Path, flags: dict[str, Any], derived: dict[str, Any]
+) -> None:
+    """Refuse a resume whose run-defining values differ from those recorded when the run started.
+
+    The record is the run's `training_args.json` (or, resuming another run's checkpoint into a new folder,
+    that run's). `flags` are the command-line values, `derived` the values that follow from the data and
+    the processes (vocabulary size, blocks, steps). Every difference is listed in one InputError; keys the
+    record lacks (flags added since) are not compared.
+    """
+    record = run_dir / TRAINING_ARGS_FILE
+    if not record.is_file():
+        record = checkpoint.parent.parent / TRAINING_ARGS_FILE
+    if not record.is_file():
+        logger.warning(
+            "No %s to compare the flags with: resuming %s unchecked", TRAINING_ARGS_FILE, checkpoint
+        )
+        return
+    try:
+        saved = json.loads(record.read_text())
+    except ValueError as error:
+        raise InputError(f"{record} is not valid JSON ({error}); it records the run's flags") from error
+    now = {**flags, **derived}
+    ignored = CHANGEABLE_ON_RESUME | DERIVED_FROM_COMPARED | set(STEP_LIMIT_FLAGS)
+    changes = [
+        f"{'--' if key in flags else ''}{key} {saved[key]} -> {value}"
+        for key, value in now.items()
+        if key in saved and key not in ignored and saved[key] != value
+    ]
+    if now["total_steps"] < saved.get("total_steps", 0):
+        limits = [
+            f"--{key} {saved.get(key)} -> {now[key]}"
+            for key in STEP_LIMIT_FLAGS
+            if saved.get(key) != now[key]
+        ]
+        limits = limits or [f"total_steps {saved['total_steps']} -> {now['total_steps']}"]
+        changes += [f"{', '.join(limits)} (the step limit may only be raised)"]
+    if changes:
+        raise InputError(
+            f"the run recorded in {record} was started with other values: {'; '.join(changes)}. "
+            "Resume with the recorded values or start a new run (another --model_save_name)"
+        )
 
 
 # --- Stop signals ---------------------------------------------------------------------------------------------
@@ -186,17 +372,42 @@ def stop_requested(stop: StopRequest, accelerator: Any) -> bool:
 
 
 def write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_FILE, "a") as handle:
+    path = run_dir / METRICS_FILE
+    with reporting_write_errors(path), open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+def read_metrics_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """`(line, record)` for each line of metrics.jsonl; an incomplete last line (a kill mid-write) is
+    dropped with a warning, any other line that is not JSON is an error naming it."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError as error:
+            if number == len(lines):
+                logger.warning("Dropping the incomplete last line of %s: %r", path, line[:80])
+                break
+            raise InputError(
+                f"{path} line {number} is not valid JSON ({error}); fix or delete that line"
+            ) from error
+    return records
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> int:
+    """On resume, drop lines logged after the checkpoint (they will be logged again).
+
+    Returns the step of the last validation line kept (-1 if none), so the run does not evaluate twice.
+    """
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
+        return -1
+    kept = [(line, record) for line, record in read_metrics_file(path) if record["step"] <= last_step]
+    write_text_atomically(path, "".join(line + "\n" for line, _ in kept))
+    return max((r["step"] for _, r in kept if r["split"] == "validation"), default=-1)
 
 
 def tensorboard_scalars(split: str, metrics: dict[str, Any]) -> dict[str, float]:

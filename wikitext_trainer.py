@@ -12,6 +12,7 @@ and exits with status 75 so a job script can requeue; `--resume_from_checkpoint 
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import shutil
@@ -47,12 +48,16 @@ from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, Met
 from run_state import (
     REQUEUE_EXIT_CODE,
     StopRequest,
+    check_resume_args,
     check_run_dir,
     load_checkpoint,
     log_metrics,
+    remove_stale_temporaries,
+    reporting_write_errors,
     resolve_checkpoint,
     rng_devices,
     save_checkpoint,
+    set_aside_newer_checkpoints,
     start_run_dir,
     stop_requested,
     stop_signal_handlers,
@@ -78,6 +83,8 @@ EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 USAGE_ERROR_EXIT_CODE = 2  # what argparse uses for bad command lines
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a local fast WordPiece tokenizer folder holds
+UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
 SIZE_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -266,6 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_split_percentage must lie in (0, 100)")
     if args.max_seq_length < 3:
         parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
+    problem = model_shape_error(args)
+    if problem:
+        parser.error(problem)
     if args.model_save_name is None:
         args.model_save_name = default_run_name(args)
     if args.data_cache_dir is None:
@@ -282,9 +292,82 @@ def default_run_name(args: argparse.Namespace) -> str:
 
 
 def fail(message: str) -> NoReturn:
-    """Stop with a message saying what to fix, exit status 2 like argparse."""
-    print(f"wikitext_trainer.py: error: {message}", file=sys.stderr)
+    """Stop with a one-line message saying what to fix, exit status 2 like argparse."""
+    print(f"wikitext_trainer.py: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(USAGE_ERROR_EXIT_CODE)
+
+
+def model_shape_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the model the size flags describe (None if nothing), found before anything runs."""
+    from modeling_electra_config import PRESETS
+
+    sizes = {name: getattr(args, name) for name in SIZE_FIELDS}
+    sizes = {name: PRESETS[args.model_size][name] if v is None else v for name, v in sizes.items()}
+    too_small = [f"--{name} {value}" for name, value in sizes.items() if value < 1]
+    if too_small:
+        return f"{', '.join(too_small)}: model sizes must be >= 1"
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        return (
+            f"--hidden_size {sizes['hidden_size']} is not a multiple of --num_attention_heads "
+            f"{sizes['num_attention_heads']}: each attention head takes an equal share of the hidden size"
+        )
+    try:  # every other config check (MoE fields, generator size, sequence length), with a stand-in vocabulary
+        build_model_configs(args, len(WORDPIECE_SPECIAL_TOKENS) + 1)
+    except InputError as error:
+        return str(error)
+    return None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Output folders writable, tokenizer and text files readable: each problem named by its flag."""
+    check_writable(Path(args.model_save_directory), "--model_save_directory")
+    check_writable(Path(args.data_cache_dir), "--data_cache_dir")
+    if args.train_tokenizer is None:
+        check_tokenizer_path(args.tokenizer_name)
+    for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        if path is not None and Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
+            check_utf8(Path(path), flag)
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """`path`, or the nearest folder above it that exists, must be a folder this process may write to."""
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing} is read-only)"
+        raise InputError(f"{flag} {path} is not writable{where}; pass a folder you can write to")
+
+
+def check_tokenizer_path(name: str) -> None:
+    """A local tokenizer folder must exist and hold a vocabulary; a name that is no path is left to the Hub."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+            raise InputError(
+                f"could not load tokenizer: --tokenizer_name {name} does not exist; pass a tokenizer folder or a Hub id"
+            )
+        return
+    if not path.is_dir():
+        raise InputError(f"--tokenizer_name {name} is a file; pass the folder that holds it")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(
+            f"--tokenizer_name {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass a folder with a WordPiece vocab.txt, e.g. ../shared/data/electra-vocab, or --train_tokenizer"
+        )
+
+
+def check_utf8(path: Path, flag: str) -> None:
+    """The start of a text/json/csv file must decode as UTF-8 (a binary file fails here, by name)."""
+    with open(path, "rb") as handle:
+        head = handle.read(UTF8_SNIFF_BYTES)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{flag} {path} is not UTF-8 text (byte {head[error.start]:#04x} at offset {error.start}); "
+            "pass a text file (WikiText layout) or json/csv/parquet"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,22 +388,22 @@ class PretrainingData:
 def prepare_inputs(
     args: argparse.Namespace, accelerator: Any, run_dir: Path
 ) -> tuple[PretrainingData, Any, Any, Any]:
-    """Data, model configs and the checkpoint to resume: every input error surfaces here, as a one-line
-    message and exit status 2, before any model is built or anything is written.
+    """Paths, data, model configs and the checkpoint to resume: every input error surfaces here, as an
+    InputError (one line and exit status 2, from `main`), before any model is built or anything is written.
 
     Returns `(data, discriminator_config, generator_config, checkpoint or None)`.
     """
-    try:
-        check_run_dir(args, run_dir)
-        source = describe_data_source(args)
-        with accelerator.main_process_first():
-            tokenizer = load_tokenizer(args, source)
-            disc_config, gen_config = build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
-            blocks = prepare_blocks(args, tokenizer, source)
-        data = count_steps(args, accelerator, tokenizer, blocks)
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir)
-    except InputError as error:
-        fail(str(error))
+    check_paths(args)
+    check_run_dir(args, run_dir)
+    source = describe_data_source(args)
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(args, source)
+        disc_config, gen_config = build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
+        blocks = prepare_blocks(args, tokenizer, source)
+    data = count_steps(args, accelerator, tokenizer, blocks)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir)
+    if checkpoint is not None:
+        check_resume_args(run_dir, checkpoint, vars(args), derived_values(accelerator, data))
     if args.warmup_steps >= data.total_steps:
         logger.warning(
             "--warmup_steps %d >= %d training steps: the peak learning rate is never reached",
@@ -524,8 +607,8 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
     state = LoopState()
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(accelerator, checkpoint))
-    if accelerator.is_main_process:
-        truncate_metrics(p.run_dir, state.global_step)
+    if accelerator.is_main_process:  # the last step may have been evaluated before the checkpoint
+        state.last_eval_step = truncate_metrics(p.run_dir, state.global_step)
     accelerator.init_trackers("tensorboard")
     state.window_start = time.perf_counter()
     bar = tqdm(
@@ -638,7 +721,9 @@ def write_outputs(p: Pretraining, state: LoopState) -> None:
     p.accelerator.wait_for_everyone()
     if p.accelerator.is_main_process:
         model = p.accelerator.unwrap_model(p.run.model)
-        save_final_models(model, p.data.tokenizer, p.run_dir)
+        with reporting_write_errors(p.run_dir):
+            save_final_models(model, p.data.tokenizer, p.run_dir)
+        remove_stale_temporaries(p.run_dir)
         if p.args.push_to_hub:
             push_to_hub(model, p.data.tokenizer, p.args)
     p.accelerator.wait_for_everyone()
@@ -653,8 +738,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Installed first: a SIGTERM/SIGUSR1 at any point (even during preprocessing) ends in a checkpoint + 75.
     stop = StopRequest()
-    with stop_signal_handlers(stop):
-        return pretrain(args, stop)
+    try:
+        with stop_signal_handlers(stop):
+            return pretrain(args, stop)
+    except InputError as error:  # bad input or a full disk: one line; any other error keeps its traceback
+        fail(str(error))
 
 
 def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
@@ -675,7 +763,11 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
 
     data, disc_config, gen_config, checkpoint = prepare_inputs(args, accelerator, run_dir)
     if accelerator.is_main_process:
-        start_run_dir(run_dir, args.overwrite_output_dir, resolved_args(args, accelerator, data))
+        start_run_dir(
+            run_dir, args.overwrite_output_dir, dict(vars(args), **derived_values(accelerator, data))
+        )
+        if checkpoint is not None and args.resume_from_checkpoint == "auto":
+            set_aside_newer_checkpoints(run_dir, checkpoint)
     accelerator.wait_for_everyone()
     logger.info(
         "%d train / %d validation blocks of %d tokens; %d optimizer steps (%d per epoch)",
@@ -696,10 +788,9 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
     return status
 
 
-def resolved_args(args: argparse.Namespace, accelerator: Any, data: PretrainingData) -> dict[str, Any]:
-    """What training_args.json records: every flag plus the values derived from the data."""
+def derived_values(accelerator: Any, data: PretrainingData) -> dict[str, Any]:
+    """What training_args.json records besides the flags: the values that follow from data and processes."""
     return dict(
-        vars(args),
         vocab_size=len(data.tokenizer),
         total_steps=data.total_steps,
         steps_per_epoch=data.steps_per_epoch,

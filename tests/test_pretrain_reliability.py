@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import run_state
 import wikitext_trainer as wt
 from conftest import REPO_ROOT
 from pretrain_utils import assert_same_weights, final_weights, read_metrics, trainer_argv
@@ -130,7 +131,7 @@ def test_resume_may_change_cadence_and_raise_the_step_limit(argv, killed_in_fina
     assert (saved["max_training_steps"], saved["total_steps"], saved["eval_steps"]) == (8, 8, 4)
     assert [r["step"] for r in read_metrics(killed_in_final_save, "train")] == [1, 2, 3, 4, 5, 6, 8]
     assert [r["step"] for r in read_metrics(killed_in_final_save, "validation")] == [3, 6, 8]
-    assert [step for step, _ in wt.list_checkpoints(killed_in_final_save)] == [4, 6, 7, 8]
+    assert [step for step, _ in run_state.list_checkpoints(killed_in_final_save)] == [4, 6, 7, 8]
 
 
 def test_resume_refuses_a_lower_step_limit(argv, killed_in_final_save):
