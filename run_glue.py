@@ -90,6 +90,12 @@ LOGGING_STEPS = 50
 # Model outputs that are router statistics, not predictions: left out when the Trainer gathers logits.
 NON_PREDICTION_OUTPUTS = ["hidden_states", "attentions", *modeling_electra.ROUTER_FIELDS]
 ENCODER_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+# Exit status of bad input (as argparse's usage errors).
+EXIT_BAD_INPUT = 2
+# A Hub model id: `name` or `namespace/name`.
+HUB_ID_PATTERN = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# Files that hold a tokenizer's vocabulary (WordPiece, fast tokenizers, BPE, sentencepiece).
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
 # Checkpoints whose classification head --classifier_head chooses.
 ELECTRA_MODEL_TYPES = ("electra", "electra_moe")
 
@@ -105,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ElectraMoE or ELECTRA checkpoint dir (or a pretraining run dir holding discriminator/), or a Hub id",
     )
     model.add_argument("--tokenizer_name", help="tokenizer dir or Hub id (default: the checkpoint's)")
+    model.add_argument(
+        "--allow_generator",
+        action="store_true",
+        help="fine-tune a masked-LM (ELECTRA generator) checkpoint; refused without this flag",
+    )
     model.add_argument("--model_name", help="name of the results folder (default: from the checkpoint path)")
     model.add_argument(
         "--random_init",
@@ -347,6 +358,84 @@ def tokenize(dataset: datasets.Dataset, task: GlueTask, tokenizer, max_length: i
 # ----------------------------------------------------------------------------------------------------------
 
 
+class InputError(Exception):
+    """Bad input found before any run starts: reported in one line, exit 2."""
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`name` or `namespace/name`, as the Hub spells model ids (a longer path can only be local)."""
+    return HUB_ID_PATTERN.fullmatch(name) is not None and not name.startswith(".")
+
+
+def read_checkpoint_config(name_or_path: str, flag: str) -> dict[str, Any]:
+    """config.json of a checkpoint directory or Hub id; a missing one is an InputError naming `flag`."""
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
+        raise InputError(f"{flag} {name_or_path}: no such directory; point it at a checkpoint directory")
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except OSError as error:
+        where = "has no config.json" if Path(name_or_path).is_dir() else "is not a local directory"
+        reason = str(error).splitlines()[0]
+        raise InputError(
+            f"{flag} {name_or_path} {where} and could not be loaded ({reason}); point it at a saved model "
+            "directory (a pretraining run's discriminator/ or run directory)"
+        ) from error
+    return config_dict
+
+
+def refuse_generator(checkpoint: str, config_dict: dict[str, Any], allowed: bool) -> None:
+    """A masked-LM checkpoint (ELECTRA's generator) is not what GLUE fine-tunes, unless asked for."""
+    masked_lm = [a for a in config_dict.get("architectures") or [] if a.endswith("ForMaskedLM")]
+    if not masked_lm or allowed:
+        return
+    sibling = Path(checkpoint).parent / "discriminator"
+    meant = f"--model_name_or_path {sibling}" if sibling.is_dir() else "the run's discriminator/ directory"
+    raise InputError(
+        f"{checkpoint} is a masked-LM (generator) checkpoint ({masked_lm[0]}); fine-tune the discriminator: "
+        f"{meant} (or pass --allow_generator to fine-tune the generator anyway)"
+    )
+
+
+def check_tokenizer_source(name_or_path: str, flag: str) -> None:
+    """A local tokenizer directory must hold a vocabulary (else transformers suggests sentencepiece)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        if not looks_like_hub_id(name_or_path):
+            raise InputError(f"{flag} {name_or_path}: no such directory; point it at a tokenizer directory")
+        return
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{flag} {name_or_path} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); pass "
+            "--tokenizer_name with the directory of the tokenizer it was pretrained with "
+            "(e.g. the vocabulary directory given to wikitext_trainer.py)"
+        )
+
+
+def check_writable(output_dir: Path) -> None:
+    """--output_dir (or its nearest existing parent) must be a writable directory; nothing is created."""
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {existing} is a file, not a directory; choose another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--output_dir {output_dir}: {existing} is not writable; choose another --output_dir"
+        )
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Checkpoint, tokenizer and output directory, before anything is loaded or written."""
+    checkpoint = resolve_checkpoint(args.model_name_or_path)
+    config_dict = read_checkpoint_config(checkpoint, "--model_name_or_path")
+    refuse_generator(checkpoint, config_dict, args.allow_generator)
+    if args.tokenizer_name is not None:
+        check_tokenizer_source(args.tokenizer_name, "--tokenizer_name")
+    else:
+        check_tokenizer_source(checkpoint, "--model_name_or_path")
+    check_writable(args.output_dir)
+
+
 def resolve_checkpoint(name_or_path: str) -> str:
     """A pretraining run dir (with discriminator/) resolves to its discriminator; anything else is as given."""
     path = Path(name_or_path)
@@ -366,7 +455,10 @@ def default_model_name(name_or_path: str) -> str:
     saved_by_us = path.parent / "run_config.json"
     if saved_by_us.is_file():
         return json.loads(saved_by_us.read_text())["model_name"]
-    return path.parent.name if path.name == "discriminator" and path.parent.name else path.name
+    if path.name in ("discriminator", "generator") and path.parent.name:
+        # <run>/discriminator is the run's model; a generator (--allow_generator) is filed apart from it.
+        return path.parent.name + ("_generator" if path.name == "generator" else "")
+    return path.name
 
 
 def check_moe_config_is_explicit(checkpoint: str) -> dict[str, Any]:
@@ -842,10 +934,21 @@ def publish(tmp_dir: Path, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run; bad input is one line on stderr and exit 2 (nothing written), anything else keeps its traceback."""
+    try:
+        return run(argv)
+    except InputError as error:
+        print(f"run_glue.py: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Every (task, seed) run; a failed run is logged and the others go on (exit 1 if any failed)."""
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
+    check_inputs(args)
     model_name = args.model_name or default_model_name(args.model_name_or_path)
     if args.random_init and not args.model_name:
         model_name += RANDOM_INIT_SUFFIX
