@@ -5,6 +5,9 @@ A run folder `<model_save_directory>/<model_save_name>/` holds `training_args.js
 `discriminator/` and `generator/`. Checkpoints are written under a temporary name and renamed into place,
 so a kill at any point leaves only complete checkpoints behind; SIGTERM/SIGUSR1 end the run with a
 checkpoint and exit status 75, and `--resume_from_checkpoint auto` continues it exactly.
+
+A resume is checked first: the checkpoint against its `manifest.json` (sizes and SHA-256; `auto` falls
+back to the newest one that verifies), the run-defining flags against `training_args.json`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "unexpected pos
 
 
 class WriteError(InputError):
-    """A run file could not be written (full disk, read-only folder): reported in one line, exit status 2."""
+    """A run file could not be written because the disk is full: reported in one line, exit status 2."""
 
 
 # --- The run folder -------------------------------------------------------------------------------------------
@@ -397,16 +400,18 @@ def read_metrics_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> int:
-    """On resume, drop lines logged after the checkpoint (they will be logged again).
+def truncate_metrics(run_dir: Path, last_step: int, rewrite: bool = True) -> int:
+    """On resume, drop lines logged after the checkpoint (they will be logged again); only the main process
+    passes `rewrite`, every process reads.
 
-    Returns the step of the last validation line kept (-1 if none), so the run does not evaluate twice.
+    Returns the step of the last validation line kept (-1 if none), so that no process evaluates it again.
     """
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return -1
     kept = [(line, record) for line, record in read_metrics_file(path) if record["step"] <= last_step]
-    write_text_atomically(path, "".join(line + "\n" for line, _ in kept))
+    if rewrite:
+        write_text_atomically(path, "".join(line + "\n" for line, _ in kept))
     return max((r["step"] for _, r in kept if r["split"] == "validation"), default=-1)
 
 

@@ -607,8 +607,8 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
     state = LoopState()
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(accelerator, checkpoint))
-    if accelerator.is_main_process:  # the last step may have been evaluated before the checkpoint
-        state.last_eval_step = truncate_metrics(p.run_dir, state.global_step)
+    # Read by every process (the last step may have been evaluated before its checkpoint), cut by the main one.
+    state.last_eval_step = truncate_metrics(p.run_dir, state.global_step, accelerator.is_main_process)
     accelerator.init_trackers("tensorboard")
     state.window_start = time.perf_counter()
     bar = tqdm(
@@ -762,6 +762,7 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
 
     data, disc_config, gen_config, checkpoint = prepare_inputs(args, accelerator, run_dir)
+    accelerator.wait_for_everyone()  # every process has verified its checkpoint before the folder changes
     if accelerator.is_main_process:
         start_run_dir(
             run_dir, args.overwrite_output_dir, dict(vars(args), **derived_values(accelerator, data))

@@ -154,10 +154,17 @@ def test_each_checkpoint_has_a_manifest_of_sizes_and_checksums(finished):
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-@pytest.mark.parametrize("name, keep_bytes", [("pytorch_model.bin", 1000), ("random_states_0.pkl", 0)])
+@pytest.mark.parametrize(
+    "name, keep_bytes, manifests",
+    [("pytorch_model.bin", 1000, True), ("random_states_0.pkl", 0, True), ("random_states_0.pkl", 0, False)],
+    ids=["truncated-model", "emptied-rng-state", "emptied-rng-state-in-a-checkpoint-without-manifest"],
+)
 def test_auto_resume_falls_back_past_a_corrupt_checkpoint_with_a_warning(
-    argv, killed_in_final_save, finished, name, keep_bytes
+    argv, killed_in_final_save, finished, name, keep_bytes, manifests
 ):
+    if not manifests:  # checkpoints written before manifests existed still resume, and are still checked
+        for manifest in killed_in_final_save.glob("checkpoints/*/manifest.json"):
+            manifest.unlink()
     corrupt = checkpoint_file(killed_in_final_save, TOTAL_STEPS, name)
     corrupt.write_bytes(corrupt.read_bytes()[:keep_bytes])
     result = run_trainer(argv("--resume_from_checkpoint", "auto"))
@@ -167,6 +174,8 @@ def test_auto_resume_falls_back_past_a_corrupt_checkpoint_with_a_warning(
         result.stderr[-3000:]
     )
     assert_same_weights(final_weights(killed_in_final_save), finished[2])
+    set_aside = killed_in_final_save / "checkpoints" / f"corrupt-checkpoint-{TOTAL_STEPS}"
+    assert (set_aside / name).stat().st_size == keep_bytes, "kept for inspection, out of rotation's way"
 
 
 @pytest.mark.parametrize("name", ["optimizer.bin", "trainer_state.json"])
