@@ -45,10 +45,10 @@ MANIFEST_FILE = "manifest.json"
 CORRUPT_CHECKPOINT_PREFIX = "corrupt-checkpoint-"
 # What a checkpoint holds besides the RNG states of each process (random_states_<rank>.pkl).
 CHECKPOINT_FILES = ("pytorch_model.bin", "optimizer.bin", TRAINER_STATE_FILE)
-# Errors that mean the disk is full or the file too large for it (ENOSPC, EDQUOT, EFBIG); torch.save
-# reports the same as a RuntimeError from its zip writer.
+# Errors that mean the disk is full or the file too large for it (ENOSPC, EDQUOT, EFBIG). torch.save reports
+# them as a RuntimeError from its zip writer, safetensors as an error quoting the OS error number.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "unexpected pos")
+DISK_FULL_MARKERS = ("inline_container", "file write failed", *(f"os error {n})" for n in DISK_FULL_ERRNOS))
 
 
 class WriteError(InputError):
@@ -97,14 +97,15 @@ def reporting_write_errors(path: Path) -> Iterator[None]:
     """Turn a full disk (or a file-size limit) while writing `path` into a one-line WriteError."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in DISK_FULL_ERRNOS:
-            raise
-        raise WriteError(disk_full_message(path, error.strerror)) from error
-    except RuntimeError as error:
-        if not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
-            raise
-        raise WriteError(disk_full_message(path, "torch.save could not write its file")) from error
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            raise WriteError(disk_full_message(path, error.strerror)) from error
+        text = str(error)
+        if not isinstance(error, OSError) and any(marker in text for marker in DISK_FULL_MARKERS):
+            torch_zip = "os error" not in text  # torch's zip writer says where in its C++ source it failed
+            reason = "torch.save could not write its file" if torch_zip else text.splitlines()[0][:200]
+            raise WriteError(disk_full_message(path, reason)) from error
+        raise
 
 
 def disk_full_message(path: Path, reason: str) -> str:

@@ -246,14 +246,19 @@ def test_a_read_only_output_directory_is_named(argv, tmp_path, cache_inside):
     assert "--train_file" not in error
 
 
-def test_a_full_disk_names_what_could_not_be_written(argv, tmp_path):
-    def limit_file_size():  # every write past 100 kB fails, as on a full disk; the first checkpoint is larger
+@pytest.mark.parametrize(
+    "save_steps, written", [("2", "checkpoints"), ("1000", "")], ids=["checkpoint", "final"]
+)
+def test_a_full_disk_names_what_could_not_be_written(argv, tmp_path, save_steps, written):
+    def limit_file_size():  # every write past 100 kB fails, as on a full disk; a checkpoint or model is larger
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    result = run_trainer(argv(), preexec_fn=limit_file_size)
-    error = usage_error(result, str(tmp_path / "out" / "run" / "checkpoints"), "disk")
+    result = run_trainer(argv("--save_steps", save_steps), preexec_fn=limit_file_size)
+    run_dir = tmp_path / "out" / "run"
+    error = usage_error(result, f"could not write {run_dir / written}".rstrip("/"), "disk")
     assert "inline_container" not in error
-    assert not list((tmp_path / "out" / "run" / "checkpoints").glob("*tmp-*")), "the partial save is removed"
+    assert not list(run_dir.rglob("*tmp-*")), "the partial save is removed"
+    assert not (run_dir / "discriminator").exists()
 
 
 @pytest.mark.parametrize(
