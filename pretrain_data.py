@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from input_checks import InputError
 from outputs import write_atomically
 
 logger = logging.getLogger("wikitext_trainer")
@@ -45,10 +46,6 @@ WIKITEXT_JOINERS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 ARTICLE_HEADING = re.compile(r"^= (?!=)(.*?) =$")
 SUBHEADING = re.compile(r"^(?:= ){2,}(.*?)(?: =){2,}$")
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-class InputError(ValueError):
-    """Bad data, tokenizer, model or run-directory flags: reported as a one-line error, exit status 2."""
 
 
 def describe_data_source(args: argparse.Namespace) -> dict[str, Any]:

@@ -61,6 +61,13 @@ from glue_tasks import (
     load_file_split,
     load_glue_dir_split,
 )
+from input_checks import (
+    EXIT_BAD_INPUT,
+    InputError,
+    check_tokenizer_path,
+    check_writable,
+    looks_like_local_path,
+)
 from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig
 from optimization import SCHEDULES, make_schedule
 from outputs import write_json_atomically, write_text_atomically
@@ -90,12 +97,10 @@ LOGGING_STEPS = 50
 # Model outputs that are router statistics, not predictions: left out when the Trainer gathers logits.
 NON_PREDICTION_OUTPUTS = ["hidden_states", "attentions", *modeling_electra.ROUTER_FIELDS]
 ENCODER_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
-# Exit status of bad input (as argparse's usage errors).
-EXIT_BAD_INPUT = 2
-# A Hub model id: `name` or `namespace/name`.
-HUB_ID_PATTERN = re.compile(r"[\w.-]+(/[\w.-]+)?")
-# Files that hold a tokenizer's vocabulary (WordPiece, fast tokenizers, BPE, sentencepiece).
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+# What to do about a checkpoint folder saved without its tokenizer.
+TOKENIZER_FIX_GLUE = (
+    "pass --tokenizer_name with the tokenizer it was pretrained with, e.g. ../shared/data/electra-vocab"
+)
 # Checkpoints whose classification head --classifier_head chooses.
 ELECTRA_MODEL_TYPES = ("electra", "electra_moe")
 
@@ -358,18 +363,9 @@ def tokenize(dataset: datasets.Dataset, task: GlueTask, tokenizer, max_length: i
 # ----------------------------------------------------------------------------------------------------------
 
 
-class InputError(Exception):
-    """Bad input found before any run starts: reported in one line, exit 2."""
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """`name` or `namespace/name`, as the Hub spells model ids (a longer path can only be local)."""
-    return HUB_ID_PATTERN.fullmatch(name) is not None and not name.startswith(".")
-
-
 def read_checkpoint_config(name_or_path: str, flag: str) -> dict[str, Any]:
     """config.json of a checkpoint directory or Hub id; a missing one is an InputError naming `flag`."""
-    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
+    if not Path(name_or_path).exists() and looks_like_local_path(name_or_path):
         raise InputError(f"{flag} {name_or_path}: no such directory; point it at a checkpoint directory")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
@@ -396,44 +392,16 @@ def refuse_generator(checkpoint: str, config_dict: dict[str, Any], allowed: bool
     )
 
 
-def check_tokenizer_source(name_or_path: str, flag: str) -> None:
-    """A local tokenizer directory must hold a vocabulary (else transformers suggests sentencepiece)."""
-    path = Path(name_or_path)
-    if not path.exists():
-        if not looks_like_hub_id(name_or_path):
-            raise InputError(f"{flag} {name_or_path}: no such directory; point it at a tokenizer directory")
-        return
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(
-            f"{flag} {name_or_path} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); pass "
-            "--tokenizer_name with the directory of the tokenizer it was pretrained with "
-            "(e.g. the vocabulary directory given to wikitext_trainer.py)"
-        )
-
-
-def check_writable(output_dir: Path) -> None:
-    """--output_dir (or its nearest existing parent) must be a writable directory; nothing is created."""
-    existing = Path(output_dir).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"--output_dir {output_dir}: {existing} is a file, not a directory; choose another")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(
-            f"--output_dir {output_dir}: {existing} is not writable; choose another --output_dir"
-        )
-
-
 def check_inputs(args: argparse.Namespace) -> None:
     """Checkpoint, tokenizer and output directory, before anything is loaded or written."""
     checkpoint = resolve_checkpoint(args.model_name_or_path)
     config_dict = read_checkpoint_config(checkpoint, "--model_name_or_path")
     refuse_generator(checkpoint, config_dict, args.allow_generator)
     if args.tokenizer_name is not None:
-        check_tokenizer_source(args.tokenizer_name, "--tokenizer_name")
+        check_tokenizer_path(args.tokenizer_name)
     else:
-        check_tokenizer_source(checkpoint, "--model_name_or_path")
-    check_writable(args.output_dir)
+        check_tokenizer_path(checkpoint, "--model_name_or_path", TOKENIZER_FIX_GLUE)
+    check_writable(Path(args.output_dir), "--output_dir")
 
 
 def resolve_checkpoint(name_or_path: str) -> str:

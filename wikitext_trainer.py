@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
 from optimization import make_schedule
 from outputs import write_atomically
 from pretrain_data import (
@@ -83,7 +84,6 @@ EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 USAGE_ERROR_EXIT_CODE = 2  # what argparse uses for bad command lines
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a local fast WordPiece tokenizer folder holds
 UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
 SIZE_FIELDS = (
     "hidden_size",
@@ -323,38 +323,10 @@ def check_paths(args: argparse.Namespace) -> None:
     check_writable(Path(args.model_save_directory), "--model_save_directory")
     check_writable(Path(args.data_cache_dir), "--data_cache_dir")
     if args.train_tokenizer is None:
-        check_tokenizer_path(args.tokenizer_name)
+        check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
     for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
         if path is not None and Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
             check_utf8(Path(path), flag)
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """`path`, or the nearest folder above it that exists, must be a folder this process may write to."""
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"{flag} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == path else f" ({existing} is read-only)"
-        raise InputError(f"{flag} {path} is not writable{where}; pass a folder you can write to")
-
-
-def check_tokenizer_path(name: str) -> None:
-    """A local tokenizer folder must exist and hold a vocabulary; a name that is no path is left to the Hub."""
-    path = Path(name).expanduser()
-    if not path.exists():
-        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-            raise InputError(
-                f"could not load tokenizer: --tokenizer_name {name} does not exist; pass a tokenizer folder or a Hub id"
-            )
-        return
-    if not path.is_dir():
-        raise InputError(f"--tokenizer_name {name} is a file; pass the folder that holds it")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise InputError(
-            f"--tokenizer_name {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "pass a folder with a WordPiece vocab.txt, e.g. ../shared/data/electra-vocab, or --train_tokenizer"
-        )
 
 
 def check_utf8(path: Path, flag: str) -> None:

@@ -87,15 +87,15 @@ def test_directory_without_vocabulary(pretraining_run, tmp_path, capsys):
         (bare / name).write_bytes((pretraining_run / "discriminator" / name).read_bytes())
     out = tmp_path / "out"
     message = main_error(capsys, "--model_name_or_path", str(bare), "--output_dir", str(out))
-    assert f"--model_name_or_path {bare} has no tokenizer" in message and "--tokenizer_name" in message
+    assert f"--model_name_or_path {bare} holds no tokenizer" in message and "--tokenizer_name" in message
     assert "sentencepiece" not in message
     message = main_error(capsys, "--model_name_or_path", str(pretraining_run), "--tokenizer_name", str(bare),
                          "--output_dir", str(out))  # fmt: skip
-    assert f"--tokenizer_name {bare} has no tokenizer" in message
+    assert f"--tokenizer_name {bare} holds no tokenizer" in message
     # A missing tokenizer directory is named as such, not as a malformed Hub repo id.
     message = main_error(capsys, "--model_name_or_path", str(pretraining_run), "--tokenizer_name",
                          str(tmp_path / "a" / "b" / "vocab"), "--output_dir", str(out))  # fmt: skip
-    assert "--tokenizer_name" in message and "no such directory" in message
+    assert "--tokenizer_name" in message and "does not exist" in message
     assert not out.exists()
 
 
@@ -105,7 +105,7 @@ def test_output_directory_that_cannot_be_written(pretraining_run, tmp_path, caps
     message = main_error(
         capsys, "--model_name_or_path", str(pretraining_run), "--output_dir", str(blocker / "out")
     )
-    assert f"--output_dir {blocker / 'out'}" in message and "not a directory" in message
+    assert f"--output_dir {blocker / 'out'}" in message and "is not a folder" in message
     assert "--train_file" not in message
     # A read-only directory (root ignores file modes, so os.access is what reports it).
     read_only = tmp_path / "read_only"

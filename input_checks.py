@@ -1,0 +1,51 @@
+"""Checks of command-line input shared by the scripts, made before anything is loaded or written.
+
+Bad input raises `InputError`; each script's `main()` prints it as one line naming the flag or path and
+what to do, and exits with status 2 (as argparse does for a usage error). Any other error keeps its
+traceback, so a bug stays visible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+# What a local fast WordPiece tokenizer folder holds (ELECTRA's vocabulary is WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+TOKENIZER_FIX = "pass a folder with a WordPiece vocab.txt, e.g. ../shared/data/electra-vocab"
+
+
+class InputError(ValueError):
+    """Bad data, tokenizer, model or output flags: reported as a one-line error, exit status 2."""
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for a name the Hub cannot take as a model id (`name` or `namespace/name`): absolute, relative
+    to `.`, under `~`, or with more than one slash."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """`path`, or the nearest folder above it that exists, must be a folder this process may write to."""
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing} is read-only)"
+        raise InputError(f"{flag} {path} is not writable{where}; pass a folder you can write to")
+
+
+def check_tokenizer_path(name: str, flag: str = "--tokenizer_name", fix: str = TOKENIZER_FIX) -> None:
+    """A local tokenizer folder must exist and hold a vocabulary; a name that is no path is left to the Hub."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_like_local_path(name):
+            raise InputError(
+                f"could not load tokenizer: {flag} {name} does not exist; pass a tokenizer folder or a Hub id"
+            )
+        return
+    if not path.is_dir():
+        raise InputError(f"{flag} {name} is a file; pass the folder that holds it")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(f"{flag} {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {fix}")
