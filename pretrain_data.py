@@ -1,9 +1,12 @@
 """Pretraining data: text -> articles -> examples -> cached token blocks, the tokenizer, and the data order.
 
 WikiText keeps one paragraph per line with ` = Title = ` headings; `group_into_articles` turns the lines
-back into articles, `tokenize_into_blocks` packs the tokenized articles into fixed-length `[CLS] ... [SEP]`
-blocks, and `prepare_blocks` caches the blocks on disk under a key of everything they depend on.
-`epoch_batches` is the seeded data order a resumed run repeats exactly.
+back into articles (the documents). `--example_format electra` (the default) builds ELECTRA's examples
+from each document's lines (`tokenize_into_examples`: `[CLS] A [SEP] B [SEP]` with token type ids 0/1,
+padded, never crossing a document); `--example_format packed` (the original study's) packs the tokenized
+articles into fixed-length `[CLS] ... [SEP]` blocks (`tokenize_into_blocks`). `prepare_blocks` caches
+the examples on disk under a key of everything they depend on; `epoch_batches` is the seeded data order a
+resumed run repeats exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import json
 import logging
 import math
 import os
+import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from input_checks import InputError
 from outputs import write_atomically
@@ -46,6 +51,14 @@ WIKITEXT_JOINERS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 ARTICLE_HEADING = re.compile(r"^= (?!=)(.*?) =$")
 SUBHEADING = re.compile(r"^(?:= ){2,}(.*?)(?: =){2,}$")
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Pretraining examples: ELECTRA's two-segment examples (the default) or the original study's packed blocks.
+EXAMPLE_FORMATS = ("electra", "packed")
+# ELECTRA's ExampleBuilder (build_pretraining_dataset.py): one segment with p 0.1; a short example
+# (target length randint(5, max_length)) with p 0.05.
+SINGLE_SEGMENT_PROB = 0.1
+SHORT_EXAMPLE_PROB = 0.05
+MIN_SHORT_EXAMPLE_LENGTH = 5
+EXAMPLE_SEED = 0  # fixed, like VALIDATION_SPLIT_SEED: the cached examples do not depend on --seed
 
 
 def describe_data_source(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,35 +191,147 @@ def tokenize_into_blocks(batch: dict[str, list[str]], tokenizer: Any, max_seq_le
     return {"input_ids": blocks}
 
 
-def build_blocks(raw_split: Any, column: str, tokenizer: Any, max_seq_length: int, num_workers: int) -> Any:
-    """Articles -> token blocks as a `datasets.Dataset` with a fixed-length int32 `input_ids` column."""
+# --- ELECTRA's examples (build_pretraining_dataset.py, ExampleBuilder) ---------------------------------------
+
+
+def draw_target_length(rng: random.Random, max_length: int) -> int:
+    """ELECTRA's length of the next example: `randint(5, max_length)` with probability 0.05, else `max_length`."""
+    if rng.random() < SHORT_EXAMPLE_PROB:
+        return rng.randint(MIN_SHORT_EXAMPLE_LENGTH, max_length)
+    return max_length
+
+
+def split_segments(
+    sentences: list[list[int]], target_length: int, max_length: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """ELECTRA's `_create_example`: the sentences as segments A and B, truncated to fit `max_length`.
+
+    With probability 0.1 everything goes to A (one segment, as in single-sentence tasks); otherwise A
+    targets `(target_length - 3) // 2` tokens: a sentence joins A when A is empty, when it fits, or with
+    probability 0.5 when it would overflow A while B is still empty; every later sentence goes to B.
+    """
+    # -3: [CLS] and two [SEP] are not added yet
+    single = rng.random() < SINGLE_SEGMENT_PROB
+    first_target = 100_000 if single else (target_length - 3) // 2
+    first: list[int] = []
+    second: list[int] = []
+    for sentence in sentences:
+        if (
+            len(first) == 0
+            or len(first) + len(sentence) < first_target
+            or (len(second) == 0 and len(first) < first_target and rng.random() < 0.5)
+        ):
+            first += sentence
+        else:
+            second += sentence
+    first = first[: max_length - 2]
+    second = second[: max(0, max_length - len(first) - 3)]
+    return first, second
+
+
+def document_examples(
+    sentences: list[list[int]], max_length: int, rng: random.Random, special: dict[str, int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """One document's examples as ELECTRA's ExampleBuilder makes them: `(input_ids, token_type_ids)` rows.
+
+    Lines are added until the example reaches its target length (the last line may overflow; truncation
+    cuts it), the document's remainder makes a last, shorter example, and no example crosses documents.
+    Rows are `[CLS] A [SEP] B [SEP]` (type ids 0 on `[CLS] A [SEP]`, 1 on `B [SEP]`) padded to `max_length`.
+    """
+    input_ids, token_type_ids = [], []
+    target = draw_target_length(rng, max_length)
+    current: list[list[int]] = []
+    length = 0
+    for index, sentence in enumerate(sentences):
+        current.append(sentence)
+        length += len(sentence)
+        if length >= target or (index == len(sentences) - 1 and length > 0):
+            first, second = split_segments(current, target, max_length, rng)
+            ids = [special["cls"], *first, special["sep"]]
+            types = [0] * len(ids)
+            if second:
+                ids += [*second, special["sep"]]
+                types += [1] * (len(second) + 1)
+            input_ids.append(ids + [special["pad"]] * (max_length - len(ids)))
+            token_type_ids.append(types + [0] * (max_length - len(types)))
+            current, length = [], 0
+            target = draw_target_length(rng, max_length)
+    return input_ids, token_type_ids
+
+
+def tokenize_into_examples(
+    batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int
+) -> dict[str, list]:
+    """Tokenize each article's lines and build ELECTRA's two-segment examples, one document per article.
+
+    Each article draws from its own RNG, seeded by its index, so the examples do not depend on the number
+    of preprocessing workers. (ELECTRA's builder keeps one RNG per job, and carries the next target length
+    across documents; drawing it afresh at each document start has the same distribution.)
+    """
+    lines = [article.split("\n") for article in batch["text"]]
+    flat = [line for article in lines for line in article]
+    encoded = tokenizer(
+        flat,
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["input_ids"]
+    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
+    out: dict[str, list] = {"input_ids": [], "token_type_ids": []}
+    start = 0
+    for index, article in zip(indices, lines, strict=True):
+        sentences = encoded[start : start + len(article)]
+        start += len(article)
+        rng = random.Random(f"{EXAMPLE_SEED}-{index}")
+        ids, types = document_examples(sentences, max_seq_length, rng, special)
+        out["input_ids"] += ids
+        out["token_type_ids"] += types
+    return out
+
+
+# --- Cached blocks ----------------------------------------------------------------------------------------------
+
+
+def build_blocks(
+    raw_split: Any, column: str, tokenizer: Any, max_seq_length: int, num_workers: int, example_format: str
+) -> Any:
+    """Articles -> fixed-length examples as a `datasets.Dataset`: an int32 `input_ids` column, and for
+    ELECTRA's examples an int8 `token_type_ids` column."""
     import datasets
 
     articles = group_into_articles(raw_split[column])
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=max_seq_length)})
+    columns = {"input_ids": datasets.List(datasets.Value("int32"), length=max_seq_length)}
+    if example_format == "electra":
+        columns["token_type_ids"] = datasets.List(datasets.Value("int8"), length=max_seq_length)
     dataset = datasets.Dataset.from_dict({"text": articles})
     workers = min(num_workers, math.ceil(len(articles) / TOKENIZE_BATCH_SIZE))
+    electra = example_format == "electra"
     return dataset.map(
-        tokenize_into_blocks,
+        tokenize_into_examples if electra else tokenize_into_blocks,
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
+        with_indices=electra,
         batched=True,
         batch_size=TOKENIZE_BATCH_SIZE,
         remove_columns=["text"],
-        features=features,
+        features=datasets.Features(columns),
         num_proc=workers if workers > 1 else None,
-        desc="Tokenizing articles into blocks",
+        desc=f"Tokenizing articles into {example_format} examples",
     )
 
 
-def prepare_blocks(args: argparse.Namespace, tokenizer: Any, source: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Token blocks for the train and validation splits, from the on-disk cache when it matches.
+def prepare_blocks(
+    args: argparse.Namespace, tokenizer: Any, source: dict[str, Any]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Examples for the train and validation splits, from the on-disk cache when it matches.
 
+    Returns `{split: {"input_ids": [N, max_seq_length] int32, "token_type_ids": ... (electra format)}}`.
     The cache key covers the data (Hub id/config, or each file's path, size and mtime), the tokenizer
-    (its full serialized vocabulary and normalizer) and `max_seq_length`.
+    (its full serialized vocabulary and normalizer), `max_seq_length` and `example_format`.
     """
     import datasets
 
-    key = cache_key(source, tokenizer.backend_tokenizer.to_str(), args.max_seq_length)
+    key = cache_key(source, tokenizer.backend_tokenizer.to_str(), args.max_seq_length, args.example_format)
     cache_path = Path(args.data_cache_dir) / f"blocks-{key}"
     if (cache_path / "dataset_dict.json").is_file():
         logger.info("Reusing tokenized data cache %s", cache_path)
@@ -220,6 +345,7 @@ def prepare_blocks(args: argparse.Namespace, tokenizer: Any, source: dict[str, A
                 tokenizer,
                 args.max_seq_length,
                 args.preprocessing_num_workers,
+                args.example_format,
             )
             if len(blocks[split]) == 0:
                 raise InputError(
@@ -238,13 +364,25 @@ def prepare_blocks(args: argparse.Namespace, tokenizer: Any, source: dict[str, A
         write_atomically(cache_path, lambda tmp: blocks.save_to_disk(str(tmp)))
         logger.info("Wrote tokenized data cache %s", cache_path)
     cached = datasets.load_from_disk(str(cache_path))
-    return {split: blocks_as_array(cached[split], args.max_seq_length) for split in ("train", "validation")}
+    return {split: columns_as_arrays(cached[split], args.max_seq_length) for split in ("train", "validation")}
 
 
-def blocks_as_array(dataset: Any, max_seq_length: int) -> np.ndarray:
-    """The fixed-length `input_ids` column as one [num_blocks, max_seq_length] int32 array (no Python lists)."""
-    column = dataset.data.column("input_ids").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, max_seq_length)
+def columns_as_arrays(dataset: Any, max_seq_length: int) -> dict[str, np.ndarray]:
+    """Each fixed-length column as one [num_examples, max_seq_length] array (no Python lists)."""
+    arrays = {}
+    for name in dataset.column_names:
+        column = dataset.data.column(name).combine_chunks()
+        arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, max_seq_length)
+    return arrays
+
+
+def batch_tensors(blocks: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """The examples at `indices` as int64 tensors, keyed as the model's forward takes them."""
+    return {name: torch.as_tensor(array[indices], dtype=torch.long) for name, array in blocks.items()}
+
+
+def num_examples(blocks: dict[str, np.ndarray]) -> int:
+    return len(blocks["input_ids"])
 
 
 def load_tokenizer(args: argparse.Namespace, source: dict[str, Any]) -> Any:

@@ -1,8 +1,9 @@
 """ELECTRA's replaced-token-detection objective (Clark et al. 2020): mask, generate, replace, detect.
 
-`ElectraPretrainingModel.forward` is the whole objective in one place: mask 15% of the real tokens, let the
-small generator (a masked LM) predict them, sample replacements from its output, and train the
-discriminator to tell every original token from a replaced one. `MetricWindow` turns the statistics the
+`ElectraPretrainingModel.forward` is the whole objective in one place: mask 15% of the real tokens (a
+fixed count per sequence, as ELECTRA's `pretrain_helpers.mask`), let the small generator (a masked LM)
+predict them, sample replacements from its output, and train the discriminator to tell every original
+token from a replaced one. `MetricWindow` turns the statistics the
 forward returns into the logged metrics. Constants follow google-research/electra
 (`configure_pretraining.py`, `pretrain_helpers.py`).
 """
@@ -22,27 +23,44 @@ GEN_WEIGHT = 1.0
 DISC_WEIGHT = 50.0
 
 
+def max_predictions_per_seq(seq_length: int, mask_prob: float = MASK_PROB) -> int:
+    """ELECTRA's cap on masked positions per sequence (configure_pretraining.py): 19 at length 128."""
+    return int((mask_prob + 0.005) * seq_length)
+
+
 def maskable_positions(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_token_ids: torch.Tensor
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, unmaskable_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Positions the masking may pick: real tokens that are not special ([CLS], [SEP], [PAD], [MASK], ...)."""
-    return attention_mask.bool() & ~torch.isin(input_ids, special_token_ids)
+    """Positions the masking may pick: real tokens other than [CLS], [SEP] and [MASK] ([UNK] may be masked,
+    as in ELECTRA's `get_candidates_mask`; padding never)."""
+    return attention_mask.bool() & ~torch.isin(input_ids, unmaskable_ids)
 
 
 def mask_tokens(
     input_ids: torch.Tensor,
     maskable: torch.Tensor,
+    attention_mask: torch.Tensor,
     mask_token_id: int,
     mask_prob: float = MASK_PROB,
     mask_token_fraction: float = MASK_TOKEN_FRACTION,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select `mask_prob` of the maskable positions; 85% of them become `[MASK]`, the rest stay unchanged.
+    """ELECTRA's `pretrain_helpers.mask`: in each sequence, mask `max(1, min(max_predictions_per_seq,
+    round(mask_prob * real tokens)))` maskable positions drawn uniformly; 85% become `[MASK]`, the rest stay.
 
-    Returns `(masked_input_ids, is_masked)`. `maskable` is False for special tokens and padding.
+    Returns `(masked_input_ids, is_masked)`. The positions are distinct (ELECTRA draws them with
+    replacement, so a repeated draw occasionally masks one fewer); a sequence with fewer maskable tokens
+    than the count has all of them masked.
     """
-    draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
-    is_masked = (draws < mask_prob) & maskable
+    real_tokens = attention_mask.sum(dim=-1).float()
+    limit = max_predictions_per_seq(input_ids.shape[-1], mask_prob)
+    count = torch.round(real_tokens * mask_prob).clamp(min=1, max=max(1, limit)).long()
+    # Random scores, unmaskable positions last: a position is picked when its rank is below the count.
+    scores = torch.rand(input_ids.shape, device=input_ids.device, generator=generator).masked_fill(
+        ~maskable, 2.0
+    )
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)
+    is_masked = (ranks < count.unsqueeze(-1)) & maskable
     keep_draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
     use_mask_token = is_masked & (keep_draws < mask_token_fraction)
     return input_ids.masked_fill(use_mask_token, mask_token_id), is_masked
@@ -101,22 +119,29 @@ class ElectraPretrainingModel(nn.Module):
         self.mask_prob = mask_prob
         self.gen_weight = gen_weight
         self.disc_weight = disc_weight
-        special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.register_buffer("special_token_ids", special_ids, persistent=False)
+        unmaskable = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id}
+        self.register_buffer(
+            "unmaskable_ids", torch.tensor(sorted(unmaskable), dtype=torch.long), persistent=False
+        )
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
-        active = attention_mask.bool()
+        active = attention_mask.bool()  # padding takes no part in masking, losses, routing or metrics
 
-        # 1. Mask: pick positions among the real, non-special tokens.
-        maskable = maskable_positions(input_ids, attention_mask, self.special_token_ids)
-        masked_ids, is_masked = mask_tokens(input_ids, maskable, self.mask_token_id, self.mask_prob)
+        # 1. Mask: a fixed count per sequence among the real tokens other than [CLS]/[SEP]/[MASK].
+        maskable = maskable_positions(input_ids, attention_mask, self.unmaskable_ids)
+        masked_ids, is_masked = mask_tokens(
+            input_ids, maskable, attention_mask, self.mask_token_id, self.mask_prob
+        )
 
         # 2. Generator: MLM logits only at the masked positions (ELECTRA gathers them the same way).
-        gen_out = self.generator.electra(masked_ids, attention_mask)
+        gen_out = self.generator.electra(masked_ids, attention_mask, token_type_ids)
         gen_hidden = self.generator.generator_predictions(gen_out.last_hidden_state[is_masked])
         gen_logits = self.generator.generator_lm_head(gen_hidden).float()
         targets = input_ids[is_masked]
@@ -128,7 +153,7 @@ class ElectraPretrainingModel(nn.Module):
         disc_input, labels = replace_tokens(input_ids, is_masked, sampled)
 
         # 4. Discriminator: original vs replaced on every real token.
-        disc_out = self.discriminator(disc_input, attention_mask)
+        disc_out = self.discriminator(disc_input, attention_mask, token_type_ids)
         disc_logits = disc_out.logits[active].float()
         disc_labels = labels[active].float()
         disc_loss = F.binary_cross_entropy_with_logits(disc_logits, disc_labels)

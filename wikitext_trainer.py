@@ -28,21 +28,24 @@ import torch
 from torch import nn
 
 from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
-from optimization import make_schedule
+from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically
 from pretrain_data import (
     DEFAULT_DATASET_CONFIG,
     DEFAULT_DATASET_NAME,
     DEFAULT_TEXT_COLUMN,
     DEFAULT_TOKENIZER,
+    EXAMPLE_FORMATS,
     MAX_PREPROCESSING_WORKERS,
     MAX_SEQ_LENGTH,
     VALIDATION_SPLIT_PERCENTAGE,
     WORDPIECE_SPECIAL_TOKENS,
     InputError,
+    batch_tensors,
     describe_data_source,
     epoch_batches,
     load_tokenizer,
+    num_examples,
     prepare_blocks,
 )
 from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, MetricWindow
@@ -171,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for tokenization",
     )
     data.add_argument(
+        "--example_format",
+        choices=EXAMPLE_FORMATS,
+        default="electra",
+        help="electra: ELECTRA's [CLS] A [SEP] B [SEP] examples within one document, token type ids 0/1, "
+        "padded; packed: the original study's [CLS] ... [SEP] blocks cut from the article stream",
+    )
+    data.add_argument(
         "--data_cache_dir",
         help="where tokenized blocks are cached (default: <model_save_directory>/data_cache)",
     )
@@ -203,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--generator_moe", action="store_true", help="give the generator the same MoE layers")
 
     objective = parser.add_argument_group("objective")
-    objective.add_argument("--mask_prob", type=float, default=MASK_PROB, help="share of tokens masked")
+    objective.add_argument(
+        "--mask_prob",
+        type=float,
+        default=MASK_PROB,
+        help="share of each sequence's real tokens masked (ELECTRA's fixed count per sequence)",
+    )
     objective.add_argument(
         "--gen_weight", type=float, default=GEN_WEIGHT, help="weight of the generator MLM loss"
     )
@@ -215,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--weight_decay", type=float, default=WEIGHT_DECAY)
     train.add_argument("--warmup_steps", type=int, default=WARMUP_STEPS)
+    train.add_argument(
+        "--lr_schedule",
+        choices=SCHEDULES,
+        default="electra",
+        help="electra: linear decay to 0 over all steps x min(1, step/warmup) (ELECTRA's); "
+        "linear: transformers' (decay from the end of warmup)",
+    )
     train.add_argument("--max_grad_norm", type=float, default=MAX_GRAD_NORM)
     train.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="blocks per device per micro-batch")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -350,8 +372,8 @@ def check_utf8(path: Path, flag: str) -> None:
 @dataclass
 class PretrainingData:
     tokenizer: Any
-    train_blocks: np.ndarray
-    valid_blocks: np.ndarray
+    train_blocks: dict[str, np.ndarray]  # input_ids (and token_type_ids), [examples, max_seq_length]
+    valid_blocks: dict[str, np.ndarray]
     steps_per_epoch: int
     micro_batches_per_epoch: int  # per process
     total_steps: int
@@ -387,18 +409,20 @@ def prepare_inputs(
 
 def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, blocks: dict) -> PretrainingData:
     """Optimizer steps per epoch and in all, from the blocks, the batch size and the number of processes."""
-    train_blocks, valid_blocks = blocks["train"], blocks["validation"][: args.max_eval_blocks]
+    train_blocks = blocks["train"]
+    valid_blocks = {name: array[: args.max_eval_blocks] for name, array in blocks["validation"].items()}
+    num_train, num_valid = num_examples(train_blocks), num_examples(valid_blocks)
     processes = accelerator.num_processes
-    micro_batches = len(epoch_batches(len(train_blocks), args.batch_size, 0, args.seed, 0, processes))
+    micro_batches = len(epoch_batches(num_train, args.batch_size, 0, args.seed, 0, processes))
     steps_per_epoch = micro_batches // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise InputError(
-            f"{len(train_blocks)} training blocks are fewer than one optimizer step needs "
+            f"{num_train} training blocks are fewer than one optimizer step needs "
             f"(--batch_size {args.batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps} "
             f"x {processes} processes)"
         )
-    if len(valid_blocks) < processes:
-        raise InputError(f"{len(valid_blocks)} validation blocks cannot be shared by {processes} processes")
+    if num_valid < processes:
+        raise InputError(f"{num_valid} validation blocks cannot be shared by {processes} processes")
     return PretrainingData(
         tokenizer=tokenizer,
         train_blocks=train_blocks,
@@ -483,7 +507,7 @@ def build_training_run(
         betas=ADAM_BETAS,
         eps=ADAM_EPSILON,
     )
-    scheduler = make_schedule("linear", optimizer, args.warmup_steps, total_steps)
+    scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(args.seed, device_specific=True)  # different masks on each process
@@ -526,7 +550,7 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, blocks: np.ndarray, batch_size: int, accelerator: Any, seed: int
+    model: nn.Module, blocks: dict[str, np.ndarray], batch_size: int, accelerator: Any, seed: int
 ) -> dict[str, Any]:
     """Metrics on this process's share of the validation blocks, with a fixed masking seed.
 
@@ -537,10 +561,10 @@ def evaluate(
     window = MetricWindow()
     with torch.random.fork_rng(devices=rng_devices(accelerator)):
         torch.manual_seed(seed)
-        shard = np.arange(accelerator.process_index, len(blocks), accelerator.num_processes)
+        shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
         for start in range(0, len(shard), batch_size):
-            input_ids = torch.as_tensor(blocks[shard[start : start + batch_size]], dtype=torch.long)
-            window.add(module(input_ids.to(accelerator.device)))
+            batch = batch_tensors(blocks, shard[start : start + batch_size])
+            window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
     module.train()
     return window.summary(accelerator)
 
@@ -592,7 +616,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
     run.model.train()
     while state.global_step < data.total_steps:
         batches = epoch_batches(
-            len(data.train_blocks),
+            num_examples(data.train_blocks),
             args.batch_size,
             state.epoch,
             args.seed,
@@ -600,8 +624,8 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
             accelerator.num_processes,
         )[: data.micro_batches_per_epoch]
         for batch_index in range(state.batch_index, len(batches)):
-            input_ids = torch.as_tensor(data.train_blocks[batches[batch_index]], dtype=torch.long)
-            outputs, grad_norm = train_step(run, accelerator, {"input_ids": input_ids}, args.max_grad_norm)
+            batch = batch_tensors(data.train_blocks, batches[batch_index])
+            outputs, grad_norm = train_step(run, accelerator, batch, args.max_grad_norm)
             state.window.add(outputs)
             if grad_norm is None:
                 continue
@@ -744,8 +768,8 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
     accelerator.wait_for_everyone()
     logger.info(
         "%d train / %d validation blocks of %d tokens; %d optimizer steps (%d per epoch)",
-        len(data.train_blocks),
-        len(data.valid_blocks),
+        num_examples(data.train_blocks),
+        num_examples(data.valid_blocks),
         args.max_seq_length,
         data.total_steps,
         data.steps_per_epoch,
@@ -768,8 +792,8 @@ def derived_values(accelerator: Any, data: PretrainingData) -> dict[str, Any]:
         total_steps=data.total_steps,
         steps_per_epoch=data.steps_per_epoch,
         num_processes=accelerator.num_processes,
-        train_blocks=len(data.train_blocks),
-        validation_blocks=len(data.valid_blocks),
+        train_blocks=num_examples(data.train_blocks),
+        validation_blocks=num_examples(data.valid_blocks),
     )
 
 

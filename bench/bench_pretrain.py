@@ -12,9 +12,9 @@ same active compute (dense for top-1, dense-2x for top-2): 1.0 = as fast.
 Step times are the best of the timed rounds (medians and every sample are in the JSON), as in bench_moe.
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
-(validation + test, 2.4 MB) with ELECTRA's vocabulary: articles -> tokenize -> pack into 128-token blocks
-(tokens/s), the first `prepare_blocks` call (tokenize, pack and write the on-disk cache) and the cached
-reload. Results: markdown on stdout and JSON under `bench/results/`.
+(validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
+-> pack into 128-token blocks (tokens/s), the first `prepare_blocks` call (tokenize, pack and write the
+on-disk cache) and the cached reload. Results: markdown on stdout and JSON under `bench/results/`.
 
     python bench/bench_pretrain.py --quick      # about a minute on 2 cores
     python bench/bench_pretrain.py              # all configurations at batch 128
@@ -257,6 +257,7 @@ def bench_data(threads: int) -> dict | None:
             str(ELECTRA_VOCAB),
         ]
         argv += ["--data_cache_dir", str(cache_dir), "--preprocessing_num_workers", str(threads)]
+        argv += ["--example_format", "packed"]  # the packing timed above (ELECTRA's examples are the default)
         trainer_args = wt.parse_args(argv)
         source = pretrain_data.describe_data_source(trainer_args)
         start = time.perf_counter()
@@ -267,8 +268,8 @@ def bench_data(threads: int) -> dict | None:
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    cached_tokens = sum(a.size for a in again.values())
-    if cached_tokens != sum(a.size for a in first.values()):
+    cached_tokens = sum(split["input_ids"].size for split in again.values())
+    if cached_tokens != sum(split["input_ids"].size for split in first.values()):
         raise RuntimeError("the cached reload returned different blocks")
     return dict(
         corpus="WikiText-2 validation (train) + test (validation), ELECTRA uncased vocabulary",

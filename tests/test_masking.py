@@ -29,15 +29,21 @@ def padded_batch(tokenizer, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, attention
 
 
-def special_ids(tokenizer) -> torch.Tensor:
-    return torch.tensor(sorted(set(tokenizer.all_special_ids)))
+def unmaskable_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id])
 
 
-def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
+def expected_counts(attention: torch.Tensor, mask_prob: float = rtd.MASK_PROB) -> torch.Tensor:
+    """ELECTRA's pretrain_helpers.mask: max(1, min(max_predictions_per_seq, round(mask_prob * real tokens)))."""
+    cap = int((mask_prob + 0.005) * attention.shape[1])
+    return (attention.sum(1).float() * mask_prob).round().clamp(1, cap).long()
+
+
+def test_masking_count_special_tokens_and_85_15_split(tokenizer):
     ids, attention = padded_batch(tokenizer)
-    maskable = rtd.maskable_positions(ids, attention, special_ids(tokenizer))
+    maskable = rtd.maskable_positions(ids, attention, unmaskable_ids(tokenizer))
     masked_ids, is_masked = rtd.mask_tokens(
-        ids, maskable, tokenizer.mask_token_id, generator=torch.Generator().manual_seed(1)
+        ids, maskable, attention, tokenizer.mask_token_id, generator=torch.Generator().manual_seed(1)
     )
 
     assert not is_masked[attention == 0].any(), "padding was masked"
@@ -45,10 +51,10 @@ def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
         assert not is_masked[ids == token].any(), f"special token {token} was masked"
     assert torch.equal(masked_ids[~is_masked], ids[~is_masked]), "unmasked tokens changed"
 
-    rate = is_masked.sum().item() / maskable.sum().item()
-    assert abs(rate - rtd.MASK_PROB) < 0.01, rate
+    # A fixed count per sequence (not a Bernoulli draw per token): fails on independent p = 0.15 masking.
+    assert torch.equal(is_masked.sum(1), expected_counts(attention))
     became_mask = masked_ids[is_masked] == tokenizer.mask_token_id
-    assert abs(became_mask.float().mean().item() - rtd.MASK_TOKEN_FRACTION) < 0.02
+    assert abs(became_mask.float().mean().item() - rtd.MASK_TOKEN_FRACTION) < 0.03
     kept = ~became_mask
     assert torch.equal(masked_ids[is_masked][kept], ids[is_masked][kept]), "the other 15% must stay unchanged"
     assert (masked_ids == tokenizer.mask_token_id).sum() == became_mask.sum(), (
@@ -56,11 +62,41 @@ def test_masking_rate_special_tokens_and_85_15_split(tokenizer):
     )
 
 
-def test_mask_prob_is_honoured(tokenizer):
+def test_masking_count_caps_at_max_predictions_per_seq_and_picks_uniformly(tokenizer):
+    assert rtd.max_predictions_per_seq(128) == 19  # ELECTRA-Small: int((0.15 + 0.005) * 128)
+    assert rtd.max_predictions_per_seq(512) == 79
     ids, attention = padded_batch(tokenizer, seed=3)
-    maskable = rtd.maskable_positions(ids, attention, special_ids(tokenizer))
-    _, is_masked = rtd.mask_tokens(ids, maskable, tokenizer.mask_token_id, mask_prob=0.4)
-    assert abs(is_masked.sum().item() / maskable.sum().item() - 0.4) < 0.015
+    maskable = rtd.maskable_positions(ids, attention, unmaskable_ids(tokenizer))
+    _, is_masked = rtd.mask_tokens(ids, maskable, attention, tokenizer.mask_token_id, mask_prob=0.4)
+    assert torch.equal(is_masked.sum(1), expected_counts(attention, 0.4))
+    # The cap binds where rounding goes up: 10 real tokens of 10 -> round(1.5) = 2, capped at int(1.55) = 1.
+    full = torch.ones_like(attention[:, :10])
+    _, capped = rtd.mask_tokens(ids[:, :10], maskable[:, :10], full, tokenizer.mask_token_id)
+    assert (capped.sum(1) == 1).all()
+    # Short rows: at least one position; never more than the maskable ones.
+    short = torch.zeros_like(attention)
+    short[:, :3] = 1
+    _, few = rtd.mask_tokens(ids, short.bool() & maskable, short, tokenizer.mask_token_id)
+    assert torch.equal(few.sum(1), (short.bool() & maskable).sum(1).clamp(max=1))
+    # Every maskable position is equally likely: over many draws each column is picked about as often.
+    row = ids[:1].expand(4000, -1)
+    row_attention, row_maskable = attention[:1].expand(4000, -1), maskable[:1].expand(4000, -1)
+    _, picks = rtd.mask_tokens(
+        row, row_maskable, row_attention, 4, generator=torch.Generator().manual_seed(5)
+    )
+    frequency = picks.float().mean(0)[row_maskable[0]]
+    expected = expected_counts(attention[:1]).item() / row_maskable[0].sum().item()
+    assert torch.allclose(frequency, torch.full_like(frequency, expected), atol=0.03), frequency
+
+
+def test_unk_may_be_masked_but_not_cls_sep_mask_or_padding(tokenizer):
+    """ELECTRA's get_candidates_mask excludes only [CLS], [SEP], [MASK] and padding; [UNK] is a token."""
+    model = rtd.ElectraPretrainingModel(*tiny_pair(tokenizer), tokenizer)
+    ids = torch.tensor([[tokenizer.cls_token_id, tokenizer.unk_token_id, 40, tokenizer.mask_token_id,
+                         tokenizer.sep_token_id, tokenizer.pad_token_id]])  # fmt: skip
+    attention = (ids != tokenizer.pad_token_id).long()
+    maskable = rtd.maskable_positions(ids, attention, model.unmaskable_ids)
+    assert maskable.tolist() == [[False, True, True, False, False, False]]
 
 
 def test_sampling_follows_the_generator_distribution_in_fp32():

@@ -59,6 +59,17 @@ def test_losses_fall_and_the_discriminator_beats_the_all_original_baseline(finis
     assert final["gen_accuracy"] > 0.05
 
 
+def test_learning_rate_follows_electras_schedule_by_default(finished_run):
+    """ELECTRA's: linear decay to 0 over all steps x min(1, step / warmup) (transformers' decays from warmup)."""
+    run_dir, _ = finished_run
+    for record in read_metrics(run_dir, "train"):
+        expected = 5e-4 * (1 - record["step"] / STEPS) * min(1.0, record["step"] / 10)
+        assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), record["step"]
+    defaults = wt.parse_args([])
+    assert (defaults.lr_schedule, defaults.example_format) == ("electra", "electra")
+    assert wt.parse_args(["--lr_schedule", "linear", "--example_format", "packed"]).lr_schedule == "linear"
+
+
 def test_metrics_hold_losses_rates_and_per_layer_routing(finished_run):
     run_dir, _ = finished_run
     records = read_metrics(run_dir)

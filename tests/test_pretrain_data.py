@@ -64,7 +64,7 @@ def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer
     train.write_text(TRAIN_FILE.read_text())
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--train_file", str(train)))
     first = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
-    assert first["train"].shape[1] == SEQ_LEN and first["train"].dtype == np.int32
+    assert first["train"]["input_ids"].shape[1] == SEQ_LEN and first["train"]["input_ids"].dtype == np.int32
     assert len(first["validation"]) > 0
 
     def no_tokenizing(*args, **kwargs):
@@ -75,26 +75,35 @@ def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer
     second = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     assert "Reusing tokenized data cache" in caplog.text
     for split in ("train", "validation"):
-        assert np.array_equal(first[split], second[split])
+        assert first[split].keys() == second[split].keys() == {"input_ids", "token_type_ids"}
+        for column in first[split]:
+            assert np.array_equal(first[split][column], second[split][column])
 
     monkeypatch.undo()
     with open(train, "a") as handle:
         handle.write(" = A New Article = \n the cat sat on the mat . \n")
     changed = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
-    assert len(changed["train"]) + len(changed["validation"]) >= len(first["train"]) + len(
+    count = pretrain_data.num_examples
+    assert count(changed["train"]) + count(changed["validation"]) >= count(first["train"]) + count(
         first["validation"]
     )
     assert len(list((tmp_path / "cache").glob("blocks-*"))) == 2, "an edited file must get a new cache entry"
+
+    args.example_format = "packed"
+    packed = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
+    assert len(list((tmp_path / "cache").glob("blocks-*"))) == 3, "the example format must key the cache"
+    assert packed["train"].keys() == {"input_ids"}
 
 
 def test_without_a_validation_file_a_share_of_train_is_held_out(tmp_path, tokenizer):
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--validation_split_percentage", "10"))
     args.validation_file = None
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
-    total = len(blocks["train"]) + len(blocks["validation"])
-    assert abs(len(blocks["validation"]) - 0.1 * total) <= 1
-    train_rows = {row.tobytes() for row in blocks["train"]}
-    assert not any(row.tobytes() in train_rows for row in blocks["validation"])
+    train, validation = blocks["train"]["input_ids"], blocks["validation"]["input_ids"]
+    total = len(train) + len(validation)
+    assert abs(len(validation) - 0.1 * total) <= 1
+    train_rows = {row.tobytes() for row in train}
+    assert not any(row.tobytes() in train_rows for row in validation)
 
 
 def bad_inputs(tmp_path):
@@ -116,7 +125,11 @@ def bad_inputs(tmp_path):
             ["--train_file", str(no_text), "--validation_file", str(no_text)],
             "no column 'text'",
         ),
-        "smaller than one block": (["--train_file", str(tiny)], "smaller than one block"),
+        "smaller than one block": (
+            ["--train_file", str(tiny), "--example_format", "packed"],
+            "smaller than one block",
+        ),
+        "fewer examples than a batch": (["--train_file", str(tiny)], "fewer than one optimizer step"),
         "tokenizer not found": (
             ["--tokenizer_name", str(tmp_path / "no-tokenizer")],
             "could not load tokenizer",
@@ -133,6 +146,7 @@ def bad_inputs(tmp_path):
         "empty file",
         "no text column",
         "smaller than one block",
+        "fewer examples than a batch",
         "tokenizer not found",
         "bad MoE config",
     ],
@@ -170,11 +184,17 @@ def test_train_tokenizer_builds_a_vocabulary_and_saves_it_with_the_model(tmp_pat
 
 
 def test_valid_file_is_used_as_given(tmp_path, vocab_dir, tokenizer):
+    articles = pretrain_data.group_into_articles(VALID_FILE.read_text().splitlines())
+    args = wt.parse_args(trainer_argv(tmp_path, vocab_dir, "--example_format", "packed"))
+    blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
+    expected = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
+    assert blocks["validation"]["input_ids"].tolist() == expected
+
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir))
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
-    articles = pretrain_data.group_into_articles(VALID_FILE.read_text().splitlines())
-    expected = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
-    assert blocks["validation"].tolist() == expected
+    indices = list(range(len(articles)))
+    expected = pretrain_data.tokenize_into_examples({"text": articles}, indices, tokenizer, SEQ_LEN)
+    assert {name: array.tolist() for name, array in blocks["validation"].items()} == expected
 
 
 def test_ranks_together_see_the_single_process_global_batches():
