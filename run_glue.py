@@ -157,6 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="MRPC and STS-B also train on every pair in swapped order (ELECTRA's double_unordered)",
     )
+    data.add_argument(
+        "--scale_targets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train STS-B on score / 5, as ELECTRA (predictions are scaled back); --no-scale_targets: on 0-5",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--do_train", action="store_true")
     run.add_argument("--do_eval", action="store_true")
@@ -651,6 +657,7 @@ def resolve_hyperparameters(
         "lr_schedule": args.lr_schedule,
         "classifier_head": getattr(config, "classifier_head", None),
         "double_unordered": args.double_unordered and TASKS[task_name].unordered_pair,
+        "target_scale": target_scale(args, TASKS[task_name]),
         "max_seq_length": args.max_seq_length,
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
@@ -658,21 +665,28 @@ def resolve_hyperparameters(
     }
 
 
-def make_compute_metrics(task: GlueTask):
+def make_compute_metrics(task: GlueTask, scale: float = 1.0):
+    """Metrics on the task's own scale: labels and predictions trained at 1/`scale` are scaled back."""
+
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = (
             prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         )
-        labels = prediction.label_ids * task.target_scale if task.is_regression else prediction.label_ids
-        return glue_metrics(task.name, predictions_from_logits(task, logits), labels)
+        labels = prediction.label_ids * scale if task.is_regression else prediction.label_ids
+        return glue_metrics(task.name, predictions_from_logits(task, logits, scale), labels)
 
     return compute_metrics
 
 
-def predictions_from_logits(task: GlueTask, logits: np.ndarray) -> np.ndarray:
-    """Class ids, or regression scores on the task's own scale (STS-B: 0-5, trained on score / 5)."""
+def target_scale(args: argparse.Namespace, task: GlueTask) -> float:
+    """What regression targets are divided by for training (STS-B: 5, as ELECTRA; 1 with --no-scale_targets)."""
+    return task.target_scale if args.scale_targets else 1.0
+
+
+def predictions_from_logits(task: GlueTask, logits: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Class ids, or regression scores on the task's own scale (STS-B: 0-5, trained on score / `scale`)."""
     if task.is_regression:
-        return np.squeeze(logits, axis=-1) * task.target_scale
+        return np.squeeze(logits, axis=-1) * scale
     return np.argmax(logits, axis=-1)
 
 
@@ -710,8 +724,8 @@ def encode_splits(
         **{s: limit(splits[s], args.max_predict_samples) for s in task.test_splits if s in splits},
     }
     encoded = {s: tokenize(d, task, tokenizer, args.max_seq_length) for s, d in raw.items() if d is not None}
-    if task.target_scale != 1.0:
-        encoded = {s: scale_targets(d, task) for s, d in encoded.items()}
+    if target_scale(args, task) != 1.0:
+        encoded = {s: scale_targets(d, task, target_scale(args, task)) for s, d in encoded.items()}
     return raw, encoded
 
 
@@ -722,10 +736,10 @@ def with_swapped_pairs(dataset: datasets.Dataset, task: GlueTask) -> datasets.Da
     return datasets.concatenate_datasets([dataset, swapped.select_columns(dataset.column_names)])
 
 
-def scale_targets(dataset: datasets.Dataset, task: GlueTask) -> datasets.Dataset:
-    """Regression targets divided by the task's scale, as ELECTRA trains STS-B (unlabeled rows keep -1)."""
+def scale_targets(dataset: datasets.Dataset, task: GlueTask, scale: float) -> datasets.Dataset:
+    """Regression targets divided by `scale`, as ELECTRA trains STS-B (unlabeled rows keep -1)."""
     return dataset.map(
-        lambda batch: {"label": [v if v == NO_LABEL else v / task.target_scale for v in batch["label"]]},
+        lambda batch: {"label": [v if v == NO_LABEL else v / scale for v in batch["label"]]},
         batched=True,
         desc=f"scaling {task.name} targets",
     )
@@ -768,7 +782,7 @@ def build_trainer(
         train_dataset=train_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=make_compute_metrics(task),
+        compute_metrics=make_compute_metrics(task, target_scale(args, task)),
         layerwise_lr_decay=hyper["layerwise_lr_decay"],
         lr_schedule=hyper["lr_schedule"],
     )
@@ -820,7 +834,8 @@ def predict(
         output = trainer.predict(inputs.remove_columns("label"), ignore_keys=NON_PREDICTION_OUTPUTS)
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
         path = out_dir / test_task.submission_files[split]
-        write_submission(path, test_task, rows["idx"], predictions_from_logits(test_task, logits))
+        predictions = predictions_from_logits(test_task, logits, target_scale(args, test_task))
+        write_submission(path, test_task, rows["idx"], predictions)
         logger.info("wrote %s (%d rows)", path.name, len(rows))
 
 

@@ -432,12 +432,20 @@ def test_stsb_targets_are_scaled_to_unit_range(moe_checkpoint):
     for split in ("train", "validation"):
         assert max(raw[split]["label"]) > 1.0
         assert encoded[split]["label"] == pytest.approx([v / 5 for v in raw[split]["label"]])
+    assert (
+        run_glue.resolve_hyperparameters(args, "stsb", ElectraMoEConfig(vocab_size=9))["target_scale"] == 5.0
+    )
     # Predictions (and labels, for the metrics) go back to 0-5.
     logits = np.array([[0.2], [0.9]])
-    assert run_glue.predictions_from_logits(task, logits) == pytest.approx([1.0, 4.5])
-    metrics = run_glue.make_compute_metrics(task)(run_glue.EvalPrediction(logits, np.array([0.2, 0.9])))
+    assert run_glue.predictions_from_logits(task, logits, 5.0) == pytest.approx([1.0, 4.5])
+    metrics = run_glue.make_compute_metrics(task, 5.0)(run_glue.EvalPrediction(logits, np.array([0.2, 0.9])))
     assert metrics["pearson"] == pytest.approx(1.0)
-    assert run_glue.predictions_from_logits(TASKS["rte"], np.array([[0.2, 0.9]])).tolist() == [1]
+    assert run_glue.predictions_from_logits(TASKS["rte"], np.array([[0.2, 0.9]]), 5.0).tolist() == [1]
+    # --no-scale_targets trains on the 0-5 scores, as runs before ELECTRA's scaling did.
+    unscaled = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "stsb", "--no-scale_targets"])
+    _, encoded = run_glue.encode_splits(unscaled, task, splits, tokenizer, seed=1)
+    assert encoded["validation"]["label"] == pytest.approx(raw["validation"]["label"])
+    assert run_glue.target_scale(unscaled, task) == 1.0 and run_glue.target_scale(args, TASKS["rte"]) == 1.0
 
 
 @pytest.mark.parametrize("task_name", ["mrpc", "stsb", "rte"])
