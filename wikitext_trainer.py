@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import logging
 import os
 import shutil
@@ -94,6 +95,25 @@ SIZE_FIELDS = (
     "num_attention_heads",
     "intermediate_size",
     "embedding_size",
+)
+# With --init_discriminator_from the architecture is the checkpoint's: these flags would contradict it.
+CHECKPOINT_ARCHITECTURE_FIELDS = (
+    *SIZE_FIELDS,
+    "num_experts",
+    "top_k",
+    "moe_layers",
+    "moe_layer_frequency",
+    "expert_intermediate_size",
+    "router_type",
+    "norm_topk_prob",
+)
+# ... while these training-time router settings come from the flags, as in a fresh run.
+TRAINING_ROUTER_FIELDS = (
+    "capacity_factor",
+    "router_jitter_noise",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "moe_implementation",
 )
 MOE_FIELDS = (
     "num_experts",
@@ -211,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator width / discriminator width (default: from the preset)",
     )
     model.add_argument("--generator_moe", action="store_true", help="give the generator the same MoE layers")
+    model.add_argument(
+        "--init_discriminator_from",
+        metavar="DIR",
+        help="continue pretraining from a saved ElectraMoE encoder (a run's discriminator/, or "
+        "convert_bert_checkpoint.py's output, dense or upcycled): its config sets the architecture; the "
+        "generator is derived from it (fresh weights) unless --init_generator_from",
+    )
+    model.add_argument(
+        "--init_generator_from",
+        metavar="DIR",
+        help="start the generator from a saved ElectraMoEForMaskedLM (a run's generator/); it still "
+        "shares the discriminator's embeddings",
+    )
 
     objective = parser.add_argument_group("objective")
     objective.add_argument(
@@ -295,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_split_percentage must lie in (0, 100)")
     if args.max_seq_length < 3:
         parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
-    problem = model_shape_error(args)
+    problem = init_flags_error(parser, args) or model_shape_error(args)
     if problem:
         parser.error(problem)
     if args.model_save_name is None:
@@ -308,7 +341,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    """`electra-small` for the dense baseline, `electra-small-moe8-top2` for an MoE model."""
+    """`electra-small` for the dense baseline, `electra-small-moe8-top2` for an MoE model; `<DIR
+    name>-continued` when continuing from --init_discriminator_from DIR."""
+    if args.init_discriminator_from:
+        return f"{Path(args.init_discriminator_from).resolve().name}-continued"
     name = f"electra-{args.model_size}"
     return name if args.num_experts == 1 else f"{name}-moe{args.num_experts}-top{args.top_k}"
 
@@ -328,7 +364,7 @@ def model_shape_error(args: argparse.Namespace) -> str | None:
     too_small = [f"--{name} {value}" for name, value in sizes.items() if value < 1]
     if too_small:
         return f"{', '.join(too_small)}: model sizes must be >= 1"
-    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+    if sizes["hidden_size"] % sizes["num_attention_heads"] and not args.init_discriminator_from:
         return (
             f"--hidden_size {sizes['hidden_size']} is not a multiple of --num_attention_heads "
             f"{sizes['num_attention_heads']}: each attention head takes an equal share of the hidden size"
@@ -393,6 +429,7 @@ def prepare_inputs(
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(args, source)
         disc_config, gen_config = build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
+        check_init_vocabulary(args, tokenizer, (disc_config, gen_config))
         blocks = prepare_blocks(args, tokenizer, source)
     data = count_steps(args, accelerator, tokenizer, blocks)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir)
@@ -441,31 +478,157 @@ def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, bloc
 def build_model_configs(
     args: argparse.Namespace, tokenizer_size: int, pad_token_id: int = 0
 ) -> tuple[Any, Any]:
-    """Discriminator config from the size preset plus flags, and the matching generator config."""
+    """Discriminator config from the size preset plus flags (or from --init_discriminator_from's config), and
+    the generator config derived from it by ELECTRA's size rule (or --init_generator_from's)."""
     from modeling_electra_config import ElectraMoEConfig, make_generator_config
 
     sizes = {name: getattr(args, name) for name in SIZE_FIELDS if getattr(args, name) is not None}
     moe = {name: getattr(args, name) for name in MOE_FIELDS}
     try:
-        disc = ElectraMoEConfig.from_preset(
-            args.model_size, vocab_size=tokenizer_size, pad_token_id=pad_token_id, **sizes, **moe
-        )
+        if args.init_discriminator_from:
+            disc = load_init_config(args.init_discriminator_from, "--init_discriminator_from", args)
+        else:
+            disc = ElectraMoEConfig.from_preset(
+                args.model_size, vocab_size=tokenizer_size, pad_token_id=pad_token_id, **sizes, **moe
+            )
         if args.max_seq_length > disc.max_position_embeddings:
             raise ValueError(
                 f"max_seq_length must be <= max_position_embeddings ({disc.max_position_embeddings})"
             )
-        gen = make_generator_config(
-            disc, generator_size=args.generator_size, generator_moe=args.generator_moe
-        )
+        if args.init_generator_from:
+            gen = load_init_config(args.init_generator_from, "--init_generator_from", args)
+            shared = ("embedding_size", "vocab_size", "max_position_embeddings", "type_vocab_size")
+            different = [f"{key} {getattr(gen, key)} vs {getattr(disc, key)}" for key in shared
+                         if getattr(gen, key) != getattr(disc, key)]  # fmt: skip
+            if different:
+                raise ValueError(
+                    f"--init_generator_from {args.init_generator_from} cannot share the discriminator's "
+                    f"embeddings: {', '.join(different)}"
+                )
+        else:
+            gen = make_generator_config(
+                disc, generator_size=args.generator_size, generator_moe=args.generator_moe
+            )
     except ValueError as error:
         raise InputError(str(error)) from error
     return disc, gen
 
 
-def build_models(disc_config: Any, gen_config: Any) -> tuple[nn.Module, nn.Module]:
+def build_models(
+    disc_config: Any,
+    gen_config: Any,
+    init_discriminator_from: str | None = None,
+    init_generator_from: str | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator: fresh, or with the weights saved in the --init_* folders (fp32)."""
     from modeling_electra import ElectraMoEForMaskedLM, ElectraMoEForPreTraining
 
-    return ElectraMoEForMaskedLM(gen_config), ElectraMoEForPreTraining(disc_config)
+    models = []
+    for cls, config, path in (
+        (ElectraMoEForMaskedLM, gen_config, init_generator_from),
+        (ElectraMoEForPreTraining, disc_config, init_discriminator_from),
+    ):
+        if path is None:
+            models.append(cls(config))
+            continue
+        model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True)
+        logger.info("%s from %s; newly initialised: %s", cls.__name__, path, info["missing_keys"] or "none")
+        models.append(model)
+    return models[0], models[1]
+
+
+# --- Continued pretraining: --init_discriminator_from / --init_generator_from ----------------------------------
+
+
+def init_flags_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Flags that contradict a checkpoint's architecture, or an --init_generator_from without a discriminator."""
+    if args.init_generator_from and not args.init_discriminator_from:
+        return "--init_generator_from needs --init_discriminator_from (the generator shares its embeddings)"
+    if not args.init_discriminator_from:
+        return None
+    fields = list(CHECKPOINT_ARCHITECTURE_FIELDS)
+    if args.init_generator_from:
+        fields += ["generator_size", "generator_moe"]
+    given = [f"--{name}" for name in fields if getattr(args, name) != parser.get_default(name)]
+    if given:
+        return (
+            f"{', '.join(given)} cannot be combined with --init_discriminator_from: the architecture comes "
+            "from the checkpoint's config.json"
+        )
+    return None
+
+
+def load_init_config(path: str, flag: str, args: argparse.Namespace) -> Any:
+    """The ElectraMoE config saved in `path`, with this run's training-time router settings."""
+    from modeling_electra_config import ElectraMoEConfig, preset_name
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise InputError(
+            f"{flag} {path} holds no config.json: pass a folder written by save_pretrained (a pretraining "
+            "run's discriminator/ or generator/, or convert_bert_checkpoint.py's output)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = ElectraMoEConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag} {path}: could not read its config.json ({error})") from error
+    if model_type != ElectraMoEConfig.model_type:
+        raise InputError(
+            f"{flag} {path} holds a '{model_type}' model, not an ElectraMoE one; convert a BERT checkpoint "
+            "with convert_bert_checkpoint.py first"
+        )
+    for name in TRAINING_ROUTER_FIELDS:
+        setattr(config, name, getattr(args, name))
+    if config.model_size is None:  # e.g. a converted BERT: name its size if it is a preset's
+        config.model_size = preset_name(config.hidden_size, config.num_hidden_layers)
+    return config
+
+
+def check_init_vocabulary(args: argparse.Namespace, tokenizer: Any, configs: tuple[Any, Any]) -> None:
+    """A checkpoint's vocabulary must be the tokenizer's: same size, and the same tokens if it saved its own."""
+    from transformers import AutoTokenizer
+
+    for flag, path, config in (
+        ("--init_discriminator_from", args.init_discriminator_from, configs[0]),
+        ("--init_generator_from", args.init_generator_from, configs[1]),
+    ):
+        if path is None:
+            continue
+        fix = f"pass --tokenizer_name {path} (the checkpoint's own tokenizer)"
+        if config.vocab_size != len(tokenizer):
+            raise InputError(
+                f"{flag} {path} has a vocabulary of {config.vocab_size} tokens, the tokenizer "
+                f"{len(tokenizer)}: {fix}"
+            )
+        has_tokenizer = any((Path(path) / name).is_file() for name in ("vocab.txt", "tokenizer.json"))
+        if has_tokenizer and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+            raise InputError(
+                f"{flag} {path} saved a tokenizer whose vocabulary differs from this run's: {fix}"
+            )
+        check_init_weights(flag, path, config)
+
+
+def check_init_weights(flag: str, path: str, config: Any) -> None:
+    """Every encoder weight of the config must be in the folder's safetensors (a run's or a converted model)."""
+    from safetensors import safe_open
+
+    from modeling_electra import ElectraMoEModel
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{flag} {path} holds no *.safetensors weights (save_pretrained writes them)")
+    saved = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            saved |= {key.removeprefix("electra.") for key in handle.keys()}  # noqa: SIM118 (not iterable)
+    with torch.device("meta"):
+        expected = set(ElectraMoEModel(config).state_dict())
+    missing = sorted(key for key in expected - saved if not key.endswith("position_ids"))
+    if missing:
+        raise InputError(
+            f"{flag} {path} lacks {len(missing)} encoder weights its config.json describes (e.g. {missing[:3]})"
+        )
 
 
 def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -497,7 +660,9 @@ def build_training_run(
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
-    generator, discriminator = build_models(disc_config, gen_config)
+    generator, discriminator = build_models(
+        disc_config, gen_config, args.init_discriminator_from, args.init_generator_from
+    )
     model = ElectraPretrainingModel(
         generator, discriminator, tokenizer, args.mask_prob, args.gen_weight, args.disc_weight
     )

@@ -127,8 +127,8 @@ def test_segment_1_embedding_gets_a_gradient_in_a_short_run(tmp_path, vocab_dir,
     """ELECTRA's examples train the type-1 embedding row; the packed blocks never did."""
     gradients = {}
 
-    def build_models_watching_types(disc_config, gen_config):
-        generator, discriminator = build_models(disc_config, gen_config)
+    def build_models_watching_types(*args):
+        generator, discriminator = build_models(*args)
         weight = discriminator.electra.embeddings.token_type_embeddings.weight
         weight.register_hook(lambda grad: gradients.setdefault(fmt, []).append(grad[1].abs().sum().item()))
         return generator, discriminator
