@@ -215,6 +215,7 @@ def rtd_statistics(
             stats[f"{prefix}expert_load"] = out.expert_load.detach().float()
             stats[f"{prefix}router_entropy"] = out.router_entropy.detach().float()
             stats[f"{prefix}dropped_fraction"] = out.dropped_fraction.detach().float()
+            stats[f"{prefix}experts_per_token"] = out.experts_per_token.detach().float()
     if gen_out.expert_load is not None:
         stats["gen_aux_loss"] = gen_out.aux_loss.detach()
         stats["gen_z_loss"] = gen_out.z_loss.detach()
@@ -267,6 +268,7 @@ class MetricWindow:
             "expert_load",
             "router_entropy",
             "dropped_fraction",
+            "experts_per_token",
             "gen_expert_load",
             "gen_router_entropy",
         ):

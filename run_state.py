@@ -417,12 +417,12 @@ def truncate_metrics(run_dir: Path, last_step: int, rewrite: bool = True) -> int
 
 
 def tensorboard_scalars(split: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """Flatten the metrics for TensorBoard: per-layer lists and per-layer-per-expert loads get own tags."""
+    """Flatten the metrics for TensorBoard: per-layer lists and per-layer-per-expert values get own tags."""
     scalars = {}
     for name, value in metrics.items():
         if isinstance(value, int | float):
             scalars[f"{split}/{name}"] = value
-        elif name.endswith("expert_load"):
+        elif name.endswith(("expert_load", "experts_per_token")):
             for layer, loads in enumerate(value):
                 for expert, load in enumerate(loads):
                     scalars[f"{split}/{name}/layer{layer}/expert{expert}"] = load

@@ -110,6 +110,7 @@ CHECKPOINT_ARCHITECTURE_FIELDS = (
 # ... while these training-time router settings come from the flags, as in a fresh run.
 TRAINING_ROUTER_FIELDS = (
     "capacity_factor",
+    "expert_choice_scope",
     "router_jitter_noise",
     "router_aux_loss_coef",
     "router_z_loss_coef",
@@ -123,6 +124,7 @@ MOE_FIELDS = (
     "expert_intermediate_size",
     "capacity_factor",
     "router_type",
+    "expert_choice_scope",
     "norm_topk_prob",
     "router_jitter_noise",
     "router_aux_loss_coef",
@@ -143,6 +145,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every flag with its default (an argument table)."""
     from modeling_electra_config import (
+        EXPERT_CHOICE_SCOPES,
         MOE_IMPLEMENTATIONS,
         PRESETS,
         ROUTER_TYPES,
@@ -220,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--capacity_factor", type=float, help="expert capacity factor (default: dropless)")
     model.add_argument("--router_type", choices=ROUTER_TYPES, default="softmax_topk")
+    model.add_argument(
+        "--expert_choice_scope",
+        choices=EXPERT_CHOICE_SCOPES,
+        default="sequence",
+        help="expert_choice router: experts pick tokens within each sequence or within the whole batch",
+    )
     model.add_argument("--norm_topk_prob", action="store_true", help="renormalise the top-k gate weights")
     model.add_argument("--router_jitter_noise", type=float, default=0.0)
     model.add_argument("--router_aux_loss_coef", type=float, default=SWITCH_AUX_LOSS_COEF)

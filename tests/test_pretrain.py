@@ -81,6 +81,10 @@ def test_metrics_hold_losses_rates_and_per_layer_routing(finished_run):
         assert load.shape == (LAYERS, NUM_EXPERTS)
         assert torch.allclose(load.sum(-1), torch.ones(LAYERS), atol=1e-4)
         assert len(record["router_entropy"]) == LAYERS
+        # Dropless top-2 token choice: every real token is taken by exactly TOP_K experts in every layer.
+        per_token = torch.tensor(record["experts_per_token"])
+        assert per_token.shape == (LAYERS, NUM_EXPERTS + 1)
+        assert torch.allclose(per_token[:, TOP_K], torch.ones(LAYERS)), per_token
         assert all(
             0 < h <= torch.log(torch.tensor(NUM_EXPERTS)).item() + 1e-4 for h in record["router_entropy"]
         )
@@ -90,6 +94,26 @@ def test_metrics_hold_losses_rates_and_per_layer_routing(finished_run):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "TensorBoard scalars missing"
     args = json.loads((run_dir / "training_args.json").read_text())
     assert args["num_experts"] == NUM_EXPERTS and args["total_steps"] == STEPS
+
+
+def test_expert_choice_router_from_the_command_line(tmp_path, vocab_dir):
+    """--router_type expert_choice --expert_choice_scope reach the saved config; no aux loss is logged."""
+    argv = trainer_argv(
+        tmp_path, vocab_dir, "--num_experts", "4", "--router_type", "expert_choice",
+        "--expert_choice_scope", "batch", "--max_training_steps", "3", "--eval_steps", "3",
+    )  # fmt: skip
+    assert wt.main(argv) == 0
+    run_dir = tmp_path / "out" / "run"
+    config = json.loads((run_dir / "discriminator" / "config.json").read_text())
+    assert (config["router_type"], config["expert_choice_scope"], config["capacity_factor"]) == (
+        "expert_choice",
+        "batch",
+        2.0,
+    )
+    for record in read_metrics(run_dir):
+        assert record["aux_loss"] == 0.0
+        per_token = torch.tensor(record["experts_per_token"])
+        assert per_token.shape == (2, 5) and torch.allclose(per_token.sum(-1), torch.ones(2))
 
 
 def test_outputs_load_with_the_auto_classes(finished_run, vocab_dir):
