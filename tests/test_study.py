@@ -5,6 +5,7 @@ import csv
 import json
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -32,7 +33,7 @@ def test_to_flags():
 
 
 def test_bad_data_and_config_are_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="wikitext-2"):
+    with pytest.raises(run_study.ConfigError, match="wikitext-2"):
         run_study.resolve_data(str(tmp_path))
     assert run_study.main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -113,18 +114,98 @@ def test_missing_glue_runs(tmp_path):
     assert run_study.missing_glue_runs(tmp_path, "m", ["rte"], [1]) == {}
 
 
-def test_study_needs_one_model_source_and_an_existing_checkpoint(tmp_path, capsys):
-    both = tmp_path / "both.json"
-    both.write_text(json.dumps({"pretrain": {}, "convert": {}, "glue": {}}))
-    assert run_study.main(["--config", str(both), "--output_dir", str(tmp_path / "a")]) == 2
-    assert "exactly one" in capsys.readouterr().err
+def test_study_needs_a_model_source_and_an_existing_checkpoint(tmp_path, capsys):
+    neither = tmp_path / "neither.json"
+    neither.write_text(json.dumps({"glue": {"tasks": ["rte"], "seeds": [1]}}))
+    assert run_study.main(["--config", str(neither), "--output_dir", str(tmp_path / "a")]) == 2
+    assert 'needs a "pretrain" or a "convert" section' in capsys.readouterr().err
     convert = tmp_path / "convert.json"
-    convert.write_text(
-        json.dumps({"convert": {"bert_path": str(tmp_path / "nope.whl"), "models": {}}, "glue": {}})
-    )
+    study = {"convert": {"bert_path": str(tmp_path / "nope.whl"), "models": {"d": {}}}, "glue": {"tasks": ["rte"], "seeds": [1]}}  # fmt: skip
+    convert.write_text(json.dumps(study))
     assert run_study.main(["--config", str(convert), "--output_dir", str(tmp_path / "b")]) == 2
     assert "nope.whl not found" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def run_study_process(config, tmp_path, text: str | None = None) -> subprocess.CompletedProcess:
+    """run_study.py as a user runs it, on a config written from `config` (or the raw `text`)."""
+    path = tmp_path / "study.json"
+    path.write_text(text if text is not None else json.dumps(config))
+    command = [sys.executable, str(REPO_ROOT / "run_study.py"), "--config", str(path)]
+    command += ["--output_dir", str(tmp_path / "out"), "--data", str(DEMO_DATA)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+def demo_study() -> dict:
+    return json.loads((REPO_ROOT / "study_configs" / "demo.json").read_text())
+
+
+def without(study: dict, *path: str) -> dict:
+    node = study
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return study
+
+
+def renamed(study: dict, section: str, old: str, new: str, value=None) -> dict:
+    study[section][new] = study[section].pop(old) if value is None else value
+    return study
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (without(demo_study(), "glue"), "missing required key 'glue'"),
+        (without(demo_study(), "pretrain", "models"), "missing required key 'pretrain.models'"),
+        (renamed(demo_study(), "glue", "seeds", "seed"), "unknown key 'glue.seed' (did you mean 'glue.seeds'?)"),
+        (renamed(demo_study(), "glue", "seeds", "seeds", "1, 2"), "'glue.seeds' must be a non-empty list of integers"),
+        (renamed(demo_study(), "glue", "random_init_baselines", "random_init_baseline"),
+         "unknown key 'glue.random_init_baseline' (did you mean 'glue.random_init_baselines'?)"),
+        (renamed(demo_study(), "glue", "tasks", "tasks", ["sst2", "sts-b"]), "unknown task 'sts-b' (did you mean 'stsb'?)"),
+        (renamed(demo_study(), "glue", "random_init_baselines", "random_init_baselines", ["moe"]),
+         "'moe' is not one of the study's models"),
+    ],
+)  # fmt: skip
+def test_bad_configs_exit_2_with_one_line_before_anything_is_created(config, message, tmp_path):
+    proc = run_study_process(config, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(
+        f"error: {tmp_path / 'study.json'}: "
+    )
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists() and "Traceback" not in proc.stderr
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    proc = run_study_process(None, tmp_path, text='{"glue": {"tasks": ["rte"],}}')
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert (
+        proc.stderr.startswith(f"error: {tmp_path / 'study.json'} is not valid JSON: ")
+        and "line 1" in proc.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_are_checked_against_the_scripts_they_go_to(tmp_path, capsys):
+    for section, key, script, hint in (
+        (("glue", "args"), "num_train_epoch", "run_glue.py", "num_train_epochs"),
+        (("pretrain", "common"), "max_train_steps", "wikitext_trainer.py", "max_training_steps"),
+        (("pretrain", "models", "dense"), "num_expert", "wikitext_trainer.py", "num_experts"),
+    ):
+        study = demo_study()
+        node = study
+        for part in section:
+            node = node[part]
+        node[key] = 1
+        with pytest.raises(run_study.ConfigError) as error:
+            run_study.validate_study(study)
+        assert (
+            str(error.value)
+            == f"'{'.'.join(section)}.{key}' is not a flag of {script} (did you mean '{hint}'?)"
+        )
+    for name in ("demo", "mini_study", "transfer"):
+        run_study.validate_study(json.loads((REPO_ROOT / "study_configs" / f"{name}.json").read_text()))
 
 
 def test_demo_sample_pretraining_text_covers_the_glue_vocabulary():
