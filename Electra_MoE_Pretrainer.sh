@@ -2,7 +2,7 @@
 #SBATCH --job-name=electra_moe_pretrain
 #SBATCH --output=slurm_logs/%x_%A_%a.out
 #SBATCH --open-mode=append
-#SBATCH --array=0-6
+#SBATCH --array=0-7
 #SBATCH --time=12:00:00
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -11,8 +11,10 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #
-# Pretrain the study's seven ELECTRA configurations with wikitext_trainer.py, one Slurm array task each:
-# index 0 is the dense baseline, 1-6 are {2,4,8} experts x {1,2} active experts.
+# Pretrain the study's eight ELECTRA configurations with wikitext_trainer.py, one Slurm array task each:
+# index 0 is the dense baseline, 1-6 are {2,4,8} experts x {1,2} active experts (token choice), 7 is 8 experts
+# with expert-choice routing (capacity factor 2, the compute of top-2; top_k is ignored by that router).
+# Model sizes come from wikitext_trainer.py's presets (--model_size tiny|small|base|large), not from here.
 #
 #   mkdir -p slurm_logs
 #   sbatch Electra_MoE_Pretrainer.sh [CONDA_ENV | VENV_DIR] [wikitext_trainer.py arguments ...]
@@ -29,7 +31,8 @@
 #   CPUs per node     sbatch --cpus-per-task=16
 #   array indices     sbatch --array=0,3             (a subset of CONFIGS)
 # Variables this script reads:
-#   CONFIGS         "E:k ..." experts:active experts, one per array index (default below)
+#   CONFIGS         "E:k[:ROUTER] ..." experts:active experts[:router type], one per array index (default
+#                   below); ROUTER is a --router_type (softmax_topk, noisy_topk, expert_choice)
 #   CONDA_ENV       conda environment to activate when none is given as the first argument
 #   VENV            virtual environment directory to activate instead (e.g. $PWD/.venv)
 #   PYTHON          interpreter when nothing is activated (default: python3)
@@ -48,7 +51,7 @@
 
 set -euo pipefail
 
-readonly DEFAULT_CONFIGS="1:1 2:1 2:2 4:1 4:2 8:1 8:2"
+readonly DEFAULT_CONFIGS="1:1 2:1 2:2 4:1 4:2 8:1 8:2 8:2:expert_choice"
 readonly REQUEUE_EXIT_CODE=75        # wikitext_trainer.py's "checkpointed, run me again" status
 readonly USAGE_EXIT_CODE=2
 readonly DEFAULT_MAX_REQUEUES=50
@@ -77,12 +80,18 @@ if (( index >= ${#configs[@]} )); then
         "submit with --array=0-$(( ${#configs[@]} - 1 ))"
 fi
 config=${configs[index]}
-[[ $config =~ ^([0-9]+):([0-9]+)$ ]] || die "CONFIGS entry '$config' is not EXPERTS:ACTIVE (e.g. 8:2)"
+[[ $config =~ ^([0-9]+):([0-9]+)(:([a-z_]+))?$ ]] || \
+    die "CONFIGS entry '$config' is not EXPERTS:ACTIVE[:ROUTER] (e.g. 8:2 or 8:2:expert_choice)"
 num_experts=${BASH_REMATCH[1]}
 top_k=${BASH_REMATCH[2]}
+router_type=${BASH_REMATCH[4]}
+router_args=()
+if [[ -n $router_type ]]; then
+    router_args=(--router_type "$router_type")
+fi
 
 train_args=(
-    --num_experts "$num_experts" --top_k "$top_k"
+    --num_experts "$num_experts" --top_k "$top_k" "${router_args[@]}"
     --model_save_directory "${PRETRAIN_DIR:-outputs/pretrain}"
     --resume_from_checkpoint auto
     "${extra_args[@]}"
@@ -138,7 +147,8 @@ if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
     task_id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 fi
 echo "[$(date '+%F %T')] task $task_id (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname):" \
-    "config $index = $num_experts experts, top-$top_k; $num_nodes node(s) x $nproc_per_node process(es)"
+    "config $index = $num_experts experts, top-$top_k${router_type:+, $router_type}; $num_nodes node(s) x" \
+    "$nproc_per_node process(es)"
 printf '+'; printf ' %q' "${launch[@]}"; echo  # copy-pastable
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     exit 0

@@ -2,7 +2,7 @@
 #SBATCH --job-name=electra_moe_glue
 #SBATCH --output=slurm_logs/%x_%A_%a.out
 #SBATCH --open-mode=append
-#SBATCH --array=0-62
+#SBATCH --array=0-71
 #SBATCH --time=08:00:00
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -10,7 +10,7 @@
 #SBATCH --gpus-per-node=1
 #
 # Fine-tune and evaluate every pretrained model on every GLUE task with run_glue.py: one Slurm array task
-# per (model, task, seed), models outermost. The default array 0-62 covers the study: 7 models x 9 tasks
+# per (model, task, seed), models outermost. The default array 0-71 covers the study: 8 models x 9 tasks
 # x 1 seed. Results land in run_glue.py's layout, <GLUE_OUTPUT_DIR>/<model>/<task>/seed_<seed>/, which
 # gather_glue_results.py reads.
 #
@@ -29,7 +29,7 @@
 #   time limit     sbatch -t 4:00:00              SBATCH_TIMELIMIT=4:00:00
 #   GPUs per node  sbatch --gpus-per-node=0       SBATCH_GPUS_PER_NODE=0    (0 = CPU only)
 #   CPUs           sbatch --cpus-per-task=8
-#   grid size      sbatch --array=0-188           (e.g. for SEEDS="1 2 3")
+#   grid size      sbatch --array=0-215           (e.g. for SEEDS="1 2 3")
 # Variables this script reads:
 #   MODELS           checkpoints to evaluate, space-separated (pretraining run dirs, their discriminator/
 #                    folders, or Hub ids); default: every <PRETRAIN_DIR>/*/discriminator

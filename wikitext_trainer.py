@@ -350,12 +350,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    """`electra-small` for the dense baseline, `electra-small-moe8-top2` for an MoE model; `<DIR
-    name>-continued` when continuing from --init_discriminator_from DIR."""
+    """`electra-small` for the dense baseline, `electra-small-moe8-top2` for an MoE model,
+    `electra-small-moe8-ec` with expert-choice routing (which ignores top_k); `<DIR name>-continued` when
+    continuing from --init_discriminator_from DIR."""
     if args.init_discriminator_from:
         return f"{Path(args.init_discriminator_from).resolve().name}-continued"
     name = f"electra-{args.model_size}"
-    return name if args.num_experts == 1 else f"{name}-moe{args.num_experts}-top{args.top_k}"
+    if args.num_experts == 1:
+        return name
+    routing = "ec" if args.router_type == "expert_choice" else f"top{args.top_k}"
+    return f"{name}-moe{args.num_experts}-{routing}"
 
 
 def fail(message: str) -> NoReturn:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +132,29 @@ def test_pretrainer_rejects_bad_configs(configs, index, message):
     done = run_script(PRETRAIN_SCRIPT, env)
     assert done.returncode == USAGE_EXIT_CODE
     assert message in done.stderr
+
+
+def test_pretrainer_default_array_has_eight_configurations_with_expert_choice_last():
+    """Index 7 is expert choice (its own --router_type and run folder); sizes come only from the presets."""
+    env = {"PYTHON": sys.executable, "REPO_DIR": str(REPO_ROOT), "DRY_RUN": "1"}
+    commands = []
+    for index in range(8):
+        done = run_script(PRETRAIN_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": str(index)}, "--model_size", "tiny")
+        assert done.returncode == 0, done.stderr
+        commands.append(done.stdout.splitlines()[-1].split()[3:])
+    assert "#SBATCH --array=0-7" in PRETRAIN_SCRIPT.read_text()
+    assert [c for c in commands if "--router_type" in c] == [commands[7]]
+    assert commands[7][commands[7].index("--router_type") + 1] == "expert_choice"
+    bad = run_script(PRETRAIN_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": "8"})
+    assert bad.returncode == USAGE_EXIT_CODE and "--array=0-7" in bad.stderr
+
+    import wikitext_trainer
+
+    names = {wikitext_trainer.parse_args(command).model_save_name for command in commands}
+    assert len(names) == 8, names
+    for script in (PRETRAIN_SCRIPT, GLUE_SCRIPT, SLURM_ENV):  # no model size table copied into a script
+        assert not re.search(r"hidden_size|intermediate_size|num_hidden_layers|\b(256|768|1024|3072)\b",
+                             script.read_text()), script.name  # fmt: skip
 
 
 def test_glue_grid_is_models_by_tasks_by_seeds(tmp_path):
@@ -358,4 +382,4 @@ def test_glue_array_after_pretraining_writes_what_gather_reads(study, slurm_clus
     summary = (glue_dir / gather_glue_results.SUMMARY_CSV).read_text()
     assert "electra-tiny-moe4-top2" in summary
     gather_log = (study["work"] / "slurm_logs" / f"electra_moe_glue_gather_{study['gather']}.out").read_text()
-    assert "| electra-tiny |" in gather_log
+    assert re.search(r"^\|\s*electra-tiny\s*\|", gather_log, re.MULTILINE), gather_log[-2000:]
