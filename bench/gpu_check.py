@@ -44,7 +44,7 @@ from run_study import resolve_data  # noqa: E402  (stdlib only at import)
 
 DEFAULT_BUDGET_S = 470
 # Each step's own limit on the GPU, in seconds (the budget left caps it too).
-GPU_TIME_BOX = {"environment": 60, "pytest_cuda": 100, "bench_moe": 110, "bench_pretrain": 110,
+GPU_TIME_BOX = {"environment": 60, "pytest_cuda": 90, "bench_moe": 90, "bench_pretrain": 90,
                 "pretrain": 150, "glue": 80}  # fmt: skip
 DRY_TIME_BOX = {"environment": 60, "pytest_cuda": 60, "bench_moe": 60, "bench_pretrain": 120,
                 "pretrain": 120, "glue": 90}  # fmt: skip
