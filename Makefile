@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DATA ?= demo
 HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo mini-study transfer gpu-wheels gpu-data gpu-kit gpu-dry-run clean
+.PHONY: install test lint demo mini-study transfer upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ $(MINILM_WHEEL): | install
 transfer: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --bert_path $(MINILM_WHEEL) \
 		--data $(DATA) --overwrite_output_dir
+
+# Sparse upcycling with continued pretraining (#16): MiniLM dense / continued / upcycled 8x2 and expert choice,
+# continued for the same steps, fine-tuned with one recipe. ~2.5 h on 2 cores; rerunning continues (--resume).
+upcycle-study: install $(MINILM_WHEEL)
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
 # The GPU kit (docs/gpu.md). The lent GPU machine is offline, runs Python 3.12 with torch, transformers 5.17,
 # tokenizers, huggingface_hub, pyarrow, xxhash and pandas, and has no datasets: carry the project's pins of

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra_config import ROUTER_TYPES
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
@@ -116,6 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_experts", type=int, default=1, help="1 = dense; >1 upcycles every FFN")
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--moe_layer_frequency", type=int, default=1)
+    parser.add_argument("--router_type", choices=ROUTER_TYPES, default="softmax_topk")
+    parser.add_argument(
+        "--capacity_factor", type=float, help="default: dropless (expert_choice: its own default, 2.0)"
+    )
     parser.add_argument(
         "--no_norm_topk_prob",
         dest="norm_topk_prob",
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 top_k=args.top_k,
                 moe_layer_frequency=args.moe_layer_frequency,
                 norm_topk_prob=args.norm_topk_prob,
+                router_type=args.router_type,
+                capacity_factor=args.capacity_factor,
             )
             model = upcycle_dense_to_moe(model, moe_config)
 

@@ -8,7 +8,8 @@
 A study pretrains its models (a "pretrain" section), converts them from a pretrained BERT-family checkpoint
 (a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`), or both:
 a "pretrain" model whose `init_discriminator_from` names a converted model continues pretraining from it
-(with its tokenizer). GLUE fine-tunes `glue.models` (default: every model). The config is checked against
+(with its tokenizer). GLUE fine-tunes `glue.models` (default: every model) with `glue.args`, plus `glue.task_args[task]` for a
+task that needs its own flags. The config is checked against
 `SCHEMA` (keys, types, and every flag against the script it is passed to) before anything runs or is created.
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
@@ -64,8 +65,8 @@ class Flags:
 
 
 @dataclass(frozen=True)
-class Models:
-    """{model name: Flags(script)}, at least one model."""
+class Named:
+    """{name: Flags(script)}, at least one entry (models, or per-task flags)."""
 
     script: str
 
@@ -84,11 +85,11 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
         {
             "common": (Flags(TRAINER), False),
             "tokenizer": (Flags(TRAINER), False),
-            "models": (Models(TRAINER), True),
+            "models": (Named(TRAINER), True),
         },
         False,
     ),
-    "convert": ({"bert_path": (str, False), "models": (Models(CONVERTER), True)}, False),
+    "convert": ({"bert_path": (str, False), "models": (Named(CONVERTER), True)}, False),
     "glue": (
         {
             "tasks": (ListOf(str), True),
@@ -96,6 +97,7 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
             "args": (Flags(FINETUNER), False),
             "random_init_baselines": (list, False),
             "models": (ListOf(str), False),
+            "task_args": (Named(FINETUNER), False),
         },
         True,
     ),
@@ -147,9 +149,9 @@ def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, 
             validate_node(item, spec[key][0], f"{where}.{key}" if where else key, flag_sets)
     elif isinstance(spec, Flags):
         check_flags(value, where, flag_sets, spec.script)
-    elif isinstance(spec, Models):
+    elif isinstance(spec, Named):
         if not isinstance(value, dict) or not value:
-            raise ConfigError(f"'{where}' must be a non-empty object of model name -> {spec.script} flags")
+            raise ConfigError(f"'{where}' must be a non-empty object of name -> {spec.script} flags")
         for name, options in value.items():
             check_flags(options, f"{where}.{name}", flag_sets, spec.script)
     elif isinstance(spec, ListOf):
@@ -213,6 +215,9 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
                 f"'pretrain.models.{name}.init_discriminator_from': '{source}' is neither a converted model "
                 f"{list(converted)} nor a directory"
             )
+    for task in study["glue"].get("task_args", {}):
+        if task not in study["glue"]["tasks"]:
+            raise ConfigError(f"'glue.task_args': '{task}' is not one of glue.tasks {study['glue']['tasks']}")
     for key in ("random_init_baselines", "models"):
         for name in study["glue"].get(key, []):
             if name not in models:
@@ -437,6 +442,7 @@ def glue_stages(
         "output_dir": str(glue_root),
         "overwrite_output_dir": True,
     }
+    task_args = glue.get("task_args", {})
     runs = [(name, name, False) for name in glue.get("models", model_dirs)]
     runs += [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
     for label, name, random_init in runs:
@@ -447,13 +453,15 @@ def glue_stages(
             if not todo:
                 print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
                 continue
-        # One run_glue.py call per group of tasks that lack the same seeds (one call when nothing ran yet).
-        groups: dict[tuple[int, ...], list[str]] = {}
+        # One run_glue.py call per group of tasks with the same task_args that lack the same seeds (one call
+        # when nothing ran yet and no task has flags of its own).
+        groups: dict[tuple[tuple[int, ...], str], list[str]] = {}
         for task, seeds in todo.items():
-            groups.setdefault(tuple(seeds), []).append(task)
-        for part, (seeds, group) in enumerate(groups.items()):
+            groups.setdefault((tuple(seeds), json.dumps(task_args.get(task, {}))), []).append(task)
+        for part, ((seeds, own_args), group) in enumerate(groups.items()):
             stage = f"glue_{label}" if len(groups) == 1 else f"glue_{label}_{part}"
-            flags = to_flags({**model, **finetune, "task_name": group, "seed": list(seeds)})
+            options = {**model, **finetune, **json.loads(own_args), "task_name": group, "seed": list(seeds)}
+            flags = to_flags(options)
             run_stage(stage, [sys.executable, FINETUNER, *flags], output_dir / "logs")
     return glue_root
 

@@ -272,3 +272,60 @@ def test_demo_sample_is_what_its_script_writes(tmp_path):
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert written and all((DEMO_DATA / p).read_bytes() == (tmp_path / p).read_bytes() for p in written)
     assert sum((tmp_path / p).stat().st_size for p in written) < DEMO_SAMPLE_MAX_BYTES
+
+
+def test_upcycle_study_converts_continues_and_fine_tunes_every_arm_alike(tmp_path, monkeypatch):
+    """The upcycling study's wiring (commands recorded, not run): three conversions, each continued-pretraining
+    arm from its converted model with the same flags, one fine-tuning recipe for the four arms."""
+    commands = {}
+    monkeypatch.setattr(
+        run_study, "run_stage", lambda name, command, log_dir: commands.setdefault(name, command)
+    )
+    monkeypatch.setattr(
+        run_study, "report_stages", lambda *args: (tmp_path / "figures", tmp_path / "nb.ipynb")
+    )
+    wheel = tmp_path / "minilm.whl"
+    wheel.write_bytes(b"")
+    data = tmp_path / "data"  # the ../shared/data layout (the stages are not run: folders suffice)
+    shutil.copytree(DEMO_DATA / "wikitext-2", data / "wikitext-2")
+    for task in ("CoLA", "RTE"):
+        (data / "glue_data" / task).mkdir(parents=True)
+    out = tmp_path / "study"
+    argv = ["--config", str(REPO_ROOT / "study_configs" / "upcycle.json"), "--bert_path", str(wheel)]
+    assert run_study.main([*argv, "--data", str(data), "--output_dir", str(out)]) == 0
+
+    def flags(name):
+        command = commands[name]
+        values = [*command[1:], "--"]
+        return {arg[2:]: (values[i] if not values[i].startswith("--") else True)
+                for i, arg in enumerate(command) if arg.startswith("--")}  # fmt: skip
+
+    assert flags("convert_minilm-ec")["router_type"] == "expert_choice"
+    assert flags("convert_minilm-8x2")["num_experts"] == "8" and flags("convert_minilm-8x2")["top_k"] == "2"
+    continued = {arm: flags(f"pretrain_minilm-{arm}-cont") for arm in ("dense", "8x2", "ec")}
+    for arm, options in continued.items():
+        assert (
+            options["init_discriminator_from"]
+            == options["tokenizer_name"]
+            == str(out / "converted" / f"minilm-{arm}")
+        )
+        assert options["model_save_name"] == f"minilm-{arm}-cont"
+    assert continued["ec"].pop("capacity_factor") == "2.0"  # the trainer takes capacity from the flags
+    shared = [{k: v for k, v in o.items() if k not in ("init_discriminator_from", "tokenizer_name", "model_save_name")}
+              for o in continued.values()]  # fmt: skip
+    assert shared[0] == shared[1] == shared[2] and shared[0]["seed"] and shared[0]["max_training_steps"]
+    glue = {name: command for name, command in commands.items() if name.startswith("glue_")}
+    models = {flags(name)["model_name"]: flags(name)["model_name_or_path"] for name in glue}
+    assert models == {
+        "minilm-dense": str(out / "converted" / "minilm-dense"),
+        **{
+            f"minilm-{arm}-cont": str(out / "pretrain" / f"minilm-{arm}-cont")
+            for arm in ("dense", "8x2", "ec")
+        },
+    }
+    for name, command in glue.items():  # one call per task (their max_seq_length differ), same seeds
+        task = flags(name)["task_name"]
+        assert command[command.index("--seed") + 1 : command.index("--seed") + 6] == ["1", "2", "3", "4", "5"]
+        assert flags(name)["max_seq_length"] == {"cola": "64", "rte": "128"}[task]
+        assert flags(name)["learning_rate"] == "0.0001" and flags(name)["layerwise_lr_decay"] == "1.0"
+    assert sorted(flags(name)["task_name"] for name in glue) == ["cola"] * 4 + ["rte"] * 4
