@@ -63,6 +63,7 @@ DRY_PRETRAIN = dict(model_size="tiny", num_experts=4, top_k=2, mixed_precision="
                     eval_steps=40, max_eval_blocks=8, preprocessing_num_workers=1, seed=42,
                     train_tokenizer=500)  # fmt: skip
 GPU_SIGNAL_AT_STEP, DRY_SIGNAL_AT_STEP = 150, 1  # stop once a metrics line reaches this step
+SIGNAL_BY_FRACTION = 0.4  # ... or once this share of the step's time box has gone
 GPU_GLUE = dict(task_name="sst2", max_train_samples=8000, num_train_epochs=1, seed=42, bf16=True)
 DRY_GLUE = dict(task_name="sst2", max_train_samples=64, max_eval_samples=64, max_seq_length=32,
                 num_train_epochs=1, seed=42, bf16=True)  # fmt: skip
@@ -240,14 +241,17 @@ def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool)
     if dry:
         options["cpu"] = True
     run_dir = scratch / "pretrain" / name
-    until = time.monotonic() + check.limit(step.name)
+    begin = time.monotonic()
+    until = begin + check.limit(step.name)
+    # Stop at the signal step, or earlier if the run is slow, leaving time to resume and finish.
+    latest_signal = begin + SIGNAL_BY_FRACTION * (until - begin)
     command = [check.python, "wikitext_trainer.py", *flags({**options, "overwrite_output_dir": True})]
     proc = check.start(command, "pretrain (until SIGUSR1)")
     signal_at = DRY_SIGNAL_AT_STEP if dry else GPU_SIGNAL_AT_STEP
     signalled_at = None
     while proc.poll() is None and time.monotonic() < until:
         steps = [r["step"] for r in read_metrics(run_dir)]
-        if steps and max(steps) >= signal_at:
+        if steps and (max(steps) >= signal_at or time.monotonic() > latest_signal):
             signalled_at = max(steps)
             proc.send_signal(signal.SIGUSR1)
             break
