@@ -325,7 +325,8 @@ class ElectraMoEBlock(nn.Module):
                 else probs.new_zeros(())
             )
             experts_per_token = experts_per_token_fraction(kept, valid, num_tokens)
-            dropped = torch.tensor(1.0 - num_kept / total if num_routed else 0.0, device=logits.device)
+            # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy that waits.
+            dropped = torch.full((), 1.0 - num_kept / total if num_routed else 0.0, device=logits.device)
             if self.expert_choice:
                 dropped = experts_per_token[0]
         return RouterOutput(

@@ -79,7 +79,9 @@ def sort_token_choice_slots(
         )
     order = torch.argsort(slot_expert, stable=True)
     sorted_expert = slot_expert.index_select(0, order)
-    counts = torch.bincount(sorted_expert, minlength=num_experts)
+    # Not torch.bincount: on CUDA it reads the input's maximum back to the host (a sync every layer).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=sorted_expert.device)
+    counts.index_add_(0, sorted_expert, torch.ones_like(sorted_expert))
     return ExpertSlots(
         slot_token.index_select(0, order), slot_gate.index_select(0, order), sorted_expert, counts
     )
