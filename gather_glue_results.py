@@ -71,8 +71,9 @@ SEED_DIR = re.compile(r"seed_(-?\d+)")
 SCORE_SCALE = 100.0
 # Tables list models from the smallest preset to the largest.
 SIZE_ORDER = list(PRESETS)
-CONFIG_COLUMNS = ["model_size", "num_experts", "top_k", "capacity_factor"]
+CONFIG_COLUMNS = ["model_size", "num_experts", "top_k", "capacity_factor", "router_type"]
 MISSING = "missing"
+EXPERT_CHOICE = "expert_choice"
 EXIT_PROBLEMS = 1
 EXIT_NO_RESULTS = 2
 
@@ -168,7 +169,7 @@ def model_size(config: dict[str, Any]) -> str | None:
 
 
 def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
-    """Experts, active experts, capacity and size from the model config saved with the run.
+    """Experts, active experts, capacity, router and size from the model config saved with the run.
 
     run_glue.py saves it in the run dir; the original study's layout may hold it in the task or
     configuration folder. A plain ELECTRA config (no MoE fields) is the dense model: 1 expert, top-1.
@@ -193,6 +194,7 @@ def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
         "num_experts": num_experts,
         "top_k": int(config.get("top_k", 1)) if num_experts > 1 else 1,
         "capacity_factor": config.get("capacity_factor") if num_experts > 1 else None,
+        "router_type": config.get("router_type", "softmax_topk") if num_experts > 1 else None,
     }
 
 
@@ -400,7 +402,11 @@ def config_cells(summary: pd.DataFrame, latex: bool) -> pd.DataFrame:
             "model": [str(m).translate(escape) for m in summary["model"]],
             "size": summary["model_size"].map(format_value),
             "experts": summary["num_experts"].map(format_value),
-            "top-k": summary["top_k"].map(format_value),
+            # Expert choice has no top-k (each expert picks its tokens): its capacity factor sets the compute.
+            "top-k": [
+                "EC" if router == EXPERT_CHOICE else format_value(k)
+                for k, router in zip(summary["top_k"], summary["router_type"], strict=True)
+            ],
             "capacity": [
                 format_value(cap, default=capacity_default(n))
                 for cap, n in zip(summary["capacity_factor"], summary["num_experts"], strict=True)

@@ -591,8 +591,13 @@ def load_init_config(path: str, flag: str, args: argparse.Namespace) -> Any:
             f"{flag} {path} holds a '{model_type}' model, not an ElectraMoE one; convert a BERT checkpoint "
             "with convert_bert_checkpoint.py first"
         )
-    for name in TRAINING_ROUTER_FIELDS:
-        setattr(config, name, getattr(args, name))
+    # Rebuilt, not patched attribute by attribute, so the config's defaults and checks apply to the new
+    # settings (an expert-choice router keeps its capacity factor of 2 when --capacity_factor is not given).
+    settings = dict(config.to_dict(), **{name: getattr(args, name) for name in TRAINING_ROUTER_FIELDS})
+    try:
+        config = ElectraMoEConfig.from_dict(settings)
+    except ValueError as error:
+        raise InputError(f"{flag} {path}: {error}") from error
     if config.model_size is None:  # e.g. a converted BERT: name its size if it is a preset's
         config.model_size = preset_name(config.hidden_size, config.num_hidden_layers)
     return config

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import gather_glue_results
-from glue_results_fixture import make_results_tree
+from glue_results_fixture import eval_results, make_results_tree
 
 
 @pytest.fixture
@@ -264,3 +264,28 @@ def test_baseline_differences_in_csv_and_table(tmp_path, capsys):
     assert [row[0] for row in paired[1:]] == ["moe"]
     assert paired[1][paired[0].index("rte")] == "+1.5 [+0.6, +2.4] p=0.014 (4)"
     assert gather_glue_results.main([str(root), "--baseline", "nope"]) == gather_glue_results.EXIT_NO_RESULTS
+
+
+def test_expert_choice_is_named_as_such_not_as_top_k(tmp_path, capsys):
+    """Expert choice saves a top_k it ignores: the tables say EC and record the router type."""
+    root = tmp_path / "results"
+    configs = {
+        "moe-8x2": {"model_type": "electra_moe", "num_experts": 8, "top_k": 2, "model_size": "tiny"},
+        "ec-8": {"model_type": "electra_moe", "num_experts": 8, "top_k": 2, "capacity_factor": 2.0,
+                 "router_type": "expert_choice", "model_size": "tiny"},
+        "dense": {"model_type": "electra_moe", "num_experts": 1, "model_size": "tiny"},
+    }  # fmt: skip
+    for model, config in configs.items():
+        run_dir = root / model / "rte" / "seed_1"
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval_results.json").write_text(json.dumps(eval_results("rte", 0.6)))
+        (run_dir / "config.json").write_text(json.dumps(config))
+    assert gather_glue_results.main([str(root), "--format", "markdown"]) == 0
+    summary = summary_by_model(root / "glue_results_summary.csv")
+    assert summary.loc["ec-8", "router_type"] == "expert_choice"
+    assert summary.loc["moe-8x2", "router_type"] == "softmax_topk"
+    assert pd.isna(summary.loc["dense", "router_type"])
+    rows = {row[0]: row for row in markdown_rows(capsys.readouterr().out)}
+    header = rows["model"]
+    top_k = header.index("top-k")
+    assert (rows["ec-8"][top_k], rows["moe-8x2"][top_k]) == ("EC", "2")

@@ -108,6 +108,27 @@ def test_an_upcycled_checkpoint_trains_as_moe_and_the_generator_can_be_given(sav
     assert "expert_load" in read_metrics(tmp_path / "out" / "continued", "train")[0]
 
 
+def test_an_expert_choice_checkpoint_keeps_its_capacity_factor_without_the_flag(saved, tmp_path, vocab_dir):
+    """Training-time router settings come from the flags, but through the config's own defaults and checks."""
+    dense, _ = saved
+    encoder = ElectraMoEModel.from_pretrained(dense / "discriminator")
+    ec_config = ElectraMoEConfig(**{**encoder.config.to_dict(), "num_experts": 4, "router_type": "expert_choice",
+                                    "norm_topk_prob": True})  # fmt: skip
+    upcycled = tmp_path / "upcycled-ec"
+    upcycle_dense_to_moe(encoder, ec_config).save_pretrained(upcycled)
+    AutoTokenizer.from_pretrained(vocab_dir).save_pretrained(upcycled)
+    argv = continued_argv(
+        tmp_path, upcycled, "--init_discriminator_from", str(upcycled), "--max_training_steps", "2"
+    )
+    assert wt.main(argv) == 0
+    final = json.loads((tmp_path / "out" / "continued" / "discriminator" / "config.json").read_text())
+    assert (final["router_type"], final["capacity_factor"], final["norm_topk_prob"]) == (
+        "expert_choice",
+        2.0,
+        True,
+    )
+
+
 def test_resume_of_a_continued_run_matches_the_uninterrupted_one(saved, tmp_path, monkeypatch):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be installed from the main thread")
