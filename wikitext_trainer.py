@@ -142,7 +142,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_argument_parser() -> argparse.ArgumentParser:
     """The command line: every flag with its default (an argument table)."""
     from modeling_electra_config import (
         EXPERT_CHOICE_SCOPES,
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fill the defaults that depend on other flags."""
-    parser = build_parser()
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
     positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps"]
     positive += ["eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers"]
