@@ -1,15 +1,19 @@
-"""Tokens per second of a full ELECTRA replaced-token-detection training step, and of the data pipeline.
+"""Tokens per second and model FLOPs utilisation of a full ELECTRA replaced-token-detection training step,
+and of the data pipeline.
 
 The step is `wikitext_trainer.py`'s own: its `build_training_run` builds the models and the objective
 (`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, Gumbel sampling,
 discriminator RTD loss x 50, both models' router losses; shared embeddings), AdamW with ELECTRA's parameter
 groups and the schedule, and its `train_step` runs forward, backward, gradient clipping and the AdamW step.
-At the `small` size (batch 128 x 128 tokens) it times the dense baseline, a dense model whose
-discriminator FFN is top-2 x 1024 wide (`dense-2x`: the same active compute as the top-2 MoE models, same
-generator), and the study's six MoE configurations (experts {2, 4, 8} x top-k {1, 2}), one step of each
-per round, interleaved. The ratio is the MoE model's tokens/s divided by that of the dense model with the
-same active compute (dense for top-1, dense-2x for top-2): 1.0 = as fast.
-Step times are the best of the timed rounds (medians and every sample are in the JSON), as in bench_moe.
+Per size (`--sizes`, default `small`: batch 128 x 128 tokens; `base`: batch 128 x 512 tokens) it times the
+configurations of `--configs`, one step of each per round, interleaved. The default grid is the dense
+baseline, a dense model whose discriminator FFN is twice as wide (`dense-2x`: the same active compute as
+the top-2 MoE models, same generator) and the study's six MoE configurations (experts {2, 4, 8} x top-k
+{1, 2}). The ratio is the MoE model's tokens/s divided by that of the dense model with the same active
+compute (dense for top-1, dense-2x for top-2): 1.0 = as fast. Step times are the best of the timed rounds
+(medians and every sample are in the JSON), as in bench_moe. Each step's model FLOPs are counted by
+`rtd_step_flops` (its docstring says how); TFLOP/s is that over the step time, and MFU that over
+`--peak_tflops` (on CUDA the H200's measured bf16 dense peak unless given; not shown on CPU unless given).
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
@@ -18,15 +22,17 @@ on-disk cache) and the cached reload. Results: markdown on stdout and JSON under
 
     python bench/bench_pretrain.py --quick      # about a minute on 2 cores
     python bench/bench_pretrain.py              # all configurations at batch 128
+    python bench/bench_pretrain.py --device cuda --sizes small base --configs dense dense-2x moe8-top2 moe64-top1
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
+import gc
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -42,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
+import rtd  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
     RESULTS_DIR,
@@ -51,6 +58,9 @@ from bench.bench_moe import (  # noqa: E402
     synchronize,
     write_json,
 )
+from bench.gpu_check import H200_BF16_DENSE_TFLOPS  # noqa: E402
+from modeling_electra_config import MAX_POSITION_EMBEDDINGS, PRESETS  # noqa: E402
+from moe_dispatch import expert_choice_capacity  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 ELECTRA_VOCAB = SHARED_DATA / "electra-vocab"
@@ -61,11 +71,23 @@ ELECTRA_VOCAB_SIZE = 30522
 ELECTRA_SPECIAL_IDS = dict(pad=0, unk=100, cls=101, sep=102, mask=103)
 FIRST_WORD_ID = 999
 
-MODEL_SIZE = "small"
 STUDY_EXPERTS = (2, 4, 8)
 STUDY_TOP_K = (1, 2)
-SMALL_BATCH, QUICK_BATCH = 128, 16
-SEQ_LEN = pretrain_data.MAX_SEQ_LENGTH
+QUICK_BATCH = 16
+SEQ_LEN = pretrain_data.MAX_SEQ_LENGTH  # the data part's blocks
+# Sizes the step benchmark takes (`large` with 64 experts would not fit one GPU), their sequence length
+# (ELECTRA-Small 128 tokens, Base 512; the paper's Table 6) and batch. ELECTRA-Base trains with batch 256;
+# 128 x 512 here keeps the four-model GPU grid (64x1 at base alone holds ~59 GB of fp32 weights, gradients
+# and AdamW moments) inside one H200's memory.
+STEP_SIZES = ("tiny", "small", "base")
+SEQ_LEN_BY_SIZE = {"tiny": SEQ_LEN, "small": SEQ_LEN, "base": MAX_POSITION_EMBEDDINGS}
+BATCH_BY_SIZE = {"tiny": 128, "small": 128, "base": 128}
+CONFIG_NAME = re.compile(r"dense(?:-(?P<wide>[1-9]\d*)x)?|moe(?P<experts>[1-9]\d*)-(?:top|ec)(?P<k>[1-9]\d*)")
+CONFIG_HELP = (
+    "configurations: dense, dense-<m>x (discriminator FFN m times as wide), moe<E>-top<k> (token choice) or "
+    "moe<E>-ec<c> (expert choice at capacity factor c) (default: dense, dense-2x and the study's "
+    "moe{2,4,8}-top{1,2}; with --quick dense, dense-2x, moe8-top2)"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +95,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(parser, quick_help="dense, dense-2x and 8 experts top-2 at batch 16")
-    parser.add_argument("--batch_size", type=int, help=f"sequences per step (default {SMALL_BATCH})")
+    parser.add_argument("--sizes", nargs="+", choices=STEP_SIZES, default=["small"], help="model sizes")
+    parser.add_argument("--configs", nargs="+", metavar="NAME", help=CONFIG_HELP)
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help=f"sequences per step (default {BATCH_BY_SIZE}; {QUICK_BATCH} with --quick)",
+    )
+    parser.add_argument(
+        "--max_seq_length", type=int, help=f"tokens per sequence (default by size: {SEQ_LEN_BY_SIZE})"
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200's "
+        "measured bf16 dense peak; on CPU no MFU unless given)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-pipeline part")
     parser.add_argument(
@@ -87,9 +125,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
     args = parse_common_args(parser, argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    for flag in ("batch_size", "max_seq_length", "peak_tflops"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be > 0")
+    if args.max_seq_length is not None and not 3 <= args.max_seq_length <= MAX_POSITION_EMBEDDINGS:
+        parser.error(f"--max_seq_length must be between 3 and {MAX_POSITION_EMBEDDINGS}")
+    for name in args.configs or []:
+        match = CONFIG_NAME.fullmatch(name)
+        if match is None:
+            parser.error(f"--configs: unknown configuration {name!r}; {CONFIG_HELP}")
+        if match["experts"] and "-top" in name and int(match["k"]) > int(match["experts"]):
+            parser.error(f"--configs {name}: top-k must be at most the number of experts")
+    if args.configs and len(set(args.configs)) != len(args.configs):
+        parser.error("--configs: a configuration is named twice")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model FLOPs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def masked_per_sequence(seq_len: int, mask_prob: float = rtd.MASK_PROB) -> int:
+    """Positions `rtd.mask_tokens` masks in a sequence of `seq_len` real tokens (the benchmark has no padding)."""
+    return max(1, min(rtd.max_predictions_per_seq(seq_len, mask_prob), round(mask_prob * seq_len)))
+
+
+def expert_slots_per_token(config, batch: int, seq_len: int) -> float:
+    """Expert FFNs each token runs through on average: top_k for token choice (dropless; a capacity limit
+    can only drop slots, so this is the intended compute), and for expert choice every expert's
+    `expert_choice_capacity` tokens per group (a sequence, or the batch) over the group's tokens (~ the
+    capacity factor)."""
+    if config.router_type != "expert_choice":
+        return config.top_k
+    group = seq_len if config.expert_choice_scope == "sequence" else batch * seq_len
+    capacity = expert_choice_capacity(config.capacity_factor, group, config.num_experts)
+    return config.num_experts * capacity / group
+
+
+def encoder_flops_per_token(config, batch: int, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of one `ElectraMoEModel`: the embedding projection (when
+    embedding_size != hidden_size) and every layer's attention and dense or MoE feed-forward block."""
+    h = config.hidden_size
+    attention = 2 * 4 * h * h + 2 * 2 * seq_len * h  # Q, K, V, output projections; Q K^T and scores x V
+    dense_ffn = 2 * 2 * h * config.intermediate_size
+    router = 2 * h * config.num_experts * (2 if config.router_type == "noisy_topk" else 1)  # + noise logits
+    expert_ffn = 2 * 2 * h * config.expert_intermediate_size
+    moe_ffn = router + expert_slots_per_token(config, batch, seq_len) * expert_ffn
+    moe_layers = len(config.moe_layer_indices)
+    layers = config.num_hidden_layers * attention + moe_layers * moe_ffn
+    layers += (config.num_hidden_layers - moe_layers) * dense_ffn
+    projection = 2 * config.embedding_size * h if config.embedding_size != h else 0
+    return layers + projection
+
+
+def rtd_step_flops(
+    disc_config, gen_config, batch: int, seq_len: int, mask_prob: float = rtd.MASK_PROB
+) -> float:
+    """Model FLOPs of one RTD training step on `batch` full sequences of `seq_len` tokens.
+
+    Counted: the matmuls, at 2 FLOPs per multiply-add, of
+    - both encoders on every token (`encoder_flops_per_token`): per layer the Q, K, V and output
+      projections (4 x 2 h^2), the attention scores Q K^T and their product with V (2 x 2 seq_len h,
+      all seq_len keys: the encoder is bidirectional), and the feed-forward block: dense 2 x 2 h i, or MoE
+      with only the active experts (top_k x 2 x 2 h i_expert per token; expert choice its capacity, about
+      capacity_factor x) plus the router (2 h E; twice with noisy top-k's noise logits); and the projection
+      from the shared embeddings when embedding_size != h;
+    - the generator's MLM head on the masked positions only, as `rtd.ElectraPretrainingModel` computes it
+      (`masked_per_sequence` per sequence): dense h_gen -> embedding_size, then embedding_size -> vocabulary;
+    - the discriminator head on every token: dense h -> h, then h -> 1.
+    Forward plus backward is 3 x the forward (the backward computes the gradients of both each matmul's
+    input and its weight). Not counted: embedding lookups, layer norms, softmax, activations, biases,
+    dropout, the Gumbel sampling, the losses and the optimizer (elementwise work, not matmuls).
+    """
+    tokens = batch * seq_len
+    h, e, v = disc_config.hidden_size, disc_config.embedding_size, disc_config.vocab_size
+    discriminator = tokens * (encoder_flops_per_token(disc_config, batch, seq_len) + 2 * h * h + 2 * h)
+    masked = batch * masked_per_sequence(seq_len, mask_prob)
+    mlm_head = masked * (2 * gen_config.hidden_size * e + 2 * e * v)
+    generator = tokens * encoder_flops_per_token(gen_config, batch, seq_len) + mlm_head
+    return 3 * (discriminator + generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,37 +229,49 @@ def load_tokenizer():
     )
 
 
-def study_configs(quick: bool) -> list[dict]:
-    """(name, trainer flags, dense reference) for dense, dense-2x and the MoE configurations."""
-    configs = [dict(name="dense", flags=[], reference="dense")]
-    configs.append(dict(name="dense-2x", flags=["--intermediate_size", "2048"], reference="dense-2x"))
-    grid = [(8, 2)] if quick else [(e, k) for e in STUDY_EXPERTS for k in STUDY_TOP_K]
-    for experts, top_k in grid:
-        configs.append(
-            dict(
-                name=f"moe{experts}-top{top_k}",
-                flags=["--num_experts", str(experts), "--top_k", str(top_k)],
-                reference="dense" if top_k == 1 else "dense-2x",
-            )
-        )
-    return configs
+def config_names(args: argparse.Namespace) -> list[str]:
+    """`--configs`, or the default grid: dense, dense-2x and the study's MoE configurations (--quick: 8x2)."""
+    if args.configs:
+        return list(args.configs)
+    grid = [(8, 2)] if args.quick else [(e, k) for e in STUDY_EXPERTS for k in STUDY_TOP_K]
+    return ["dense", "dense-2x", *(f"moe{e}-top{k}" for e, k in grid)]
 
 
-def build_training(flags: list[str], tokenizer, vocab_size: int, generator_config, accelerator, steps: int):
+def config_spec(name: str, size: str) -> dict:
+    """(name, trainer flags, the dense model of equal active compute) for a configuration name at a size."""
+    match = CONFIG_NAME.fullmatch(name)
+    if match["experts"] is None:
+        wide = int(match["wide"] or 1)
+        flags = ["--intermediate_size", str(wide * PRESETS[size]["intermediate_size"])] if wide > 1 else []
+        return dict(name=name, flags=flags, reference=name)
+    k = int(match["k"])
+    flags = ["--num_experts", match["experts"]]
+    if "-ec" in name:
+        flags += ["--router_type", "expert_choice", "--capacity_factor", str(k)]
+    else:
+        flags += ["--top_k", str(k)]
+    return dict(name=name, flags=flags, reference="dense" if k == 1 else f"dense-{k}x")
+
+
+def build_training(
+    size: str, flags: list[str], seq_len: int, tokenizer, vocab_size: int, accelerator, steps: int
+):
     """The trainer's own training run (`wikitext_trainer.build_training_run`: models, objective, AdamW,
-    schedule) for these flags; returns (run, trainer arguments, generator config)."""
-    args = wt.parse_args(["--model_size", MODEL_SIZE, *flags])
-    disc_config, gen_config = wt.build_model_configs(args, vocab_size, tokenizer.pad_token_id)
-    if generator_config is not None:
-        gen_config = copy.deepcopy(generator_config)
+    schedule) for these flags, with the dense model's generator; returns (run, trainer arguments, configs)."""
+    sized = ["--model_size", size, "--max_seq_length", str(seq_len)]
+    args = wt.parse_args([*sized, *flags])
+    disc_config, _ = wt.build_model_configs(args, vocab_size, tokenizer.pad_token_id)
+    _, gen_config = wt.build_model_configs(wt.parse_args(sized), vocab_size, tokenizer.pad_token_id)
     run = wt.build_training_run(args, tokenizer, disc_config, gen_config, steps, accelerator)
-    return run, args, gen_config
+    return run, args, (disc_config, gen_config)
 
 
-def random_blocks(batch: int, vocab_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+def random_blocks(
+    batch: int, seq_len: int, vocab_size: int, device: torch.device, seed: int = 0
+) -> torch.Tensor:
     """`[CLS] words... [SEP]` blocks of random word ids (speed does not depend on which words)."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(FIRST_WORD_ID, vocab_size, (batch, SEQ_LEN), generator=generator)
+    ids = torch.randint(FIRST_WORD_ID, vocab_size, (batch, seq_len), generator=generator)
     ids[:, 0] = ELECTRA_SPECIAL_IDS["cls"]
     ids[:, -1] = ELECTRA_SPECIAL_IDS["sep"]
     return ids.to(device)
@@ -156,35 +283,36 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    device = accelerator.device
-    tokenizer = load_tokenizer()
-    vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
-    batch = args.batch_size or (QUICK_BATCH if args.quick else SMALL_BATCH)
-    input_ids = random_blocks(batch, vocab_size, device)
-    configs = study_configs(args.quick)
-
-    torch.manual_seed(0)
-    generator_config = None
+def build_runs(
+    args: argparse.Namespace, size: str, seq_len: int, tokenizer, vocab_size: int, accelerator
+) -> dict:
+    """Every configuration's training run at this size, with its parameter count and model FLOPs per step."""
+    batch = args.batch_size or (QUICK_BATCH if args.quick else BATCH_BY_SIZE[size])
     runs = {}
-    for config in configs:
-        run, trainer_args, gen_config = build_training(
-            config["flags"], tokenizer, vocab_size, generator_config, accelerator, args.warmup + args.repeats
+    for name in config_names(args):
+        config = config_spec(name, size)
+        run, trainer_args, (disc, gen) = build_training(
+            size, config["flags"], seq_len, tokenizer, vocab_size, accelerator, args.warmup + args.repeats
         )
-        generator_config = generator_config or gen_config
         params = sum(p.numel() for p in run.model.parameters())
-        runs[config["name"]] = dict(
-            config=config, run=run, max_grad_norm=trainer_args.max_grad_norm, params=params, times=[], cpu=[]
-        )
+        if args.compile:
+            run.model = torch.compile(run.model)
+        flops = rtd_step_flops(disc, gen, batch, seq_len, trainer_args.mask_prob)
+        runs[name] = dict(config=config, run=run, max_grad_norm=trainer_args.max_grad_norm, params=params,
+                          batch=batch, flops=flops, times=[], cpu=[], peak=[])  # fmt: skip
+    return runs
 
+
+def time_rounds(args: argparse.Namespace, runs: dict, input_ids: torch.Tensor, accelerator) -> None:
+    """Warm-up and timed rounds, one step per configuration per round, the order rotating every round."""
+    device = accelerator.device
     names = list(runs)
     for round_index in tqdm(range(args.warmup + args.repeats), desc="rounds"):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             run = runs[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             outputs, _ = wt.train_step(
@@ -195,33 +323,70 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
             if round_index >= args.warmup:
                 run["times"].append(time.perf_counter() - start)
                 run["cpu"].append(time.process_time() - start_cpu)
+                if device.type == "cuda":
+                    run["peak"].append(torch.cuda.max_memory_allocated(device) / 2**30)
             if args.trim_memory:
                 release_freed_memory()
 
-    tokens = batch * SEQ_LEN
+
+def step_rows(runs: dict, size: str, seq_len: int, peak_tflops: float | None) -> list[dict]:
     rows = []
     for name, run in runs.items():
-        seconds = min(run["times"])
-        reference = runs[run["config"]["reference"]]
-        rows.append(
-            dict(
-                name=name,
-                flags=run["config"]["flags"],
-                reference=run["config"]["reference"],
-                parameters=run["params"],
-                batch=batch,
-                tokens_per_step=tokens,
-                step_s=seconds,
-                tokens_per_s=tokens / seconds,
-                ratio=min(reference["times"]) / seconds,
-                median_step_s=statistics.median(run["times"]),
-                median_ratio=statistics.median(reference["times"]) / statistics.median(run["times"]),
-                cpu_ratio=statistics.median(reference["cpu"]) / statistics.median(run["cpu"]),
-                samples_s=run["times"],
-                final_loss=run["loss"],
-            )
-        )
+        seconds, tokens = min(run["times"]), run["batch"] * seq_len
+        reference = runs.get(run["config"]["reference"])
+        row = dict(size=size, name=name, flags=run["config"]["flags"], reference=run["config"]["reference"],
+                   parameters=run["params"], batch=run["batch"], seq_len=seq_len, tokens_per_step=tokens,
+                   step_s=seconds, tokens_per_s=tokens / seconds, flops_per_step=run["flops"],
+                   tflops_per_s=run["flops"] / seconds / 1e12)  # fmt: skip
+        if peak_tflops:
+            row["mfu"] = row["tflops_per_s"] / peak_tflops
+        median = statistics.median(run["times"])
+        row.update(ratio=None, median_step_s=median, median_ratio=None, cpu_ratio=None)
+        if reference is not None:
+            row.update(ratio=min(reference["times"]) / seconds,
+                       median_ratio=statistics.median(reference["times"]) / median,
+                       cpu_ratio=statistics.median(reference["cpu"]) / statistics.median(run["cpu"]))  # fmt: skip
+        if run["peak"]:
+            row["peak_memory_gib"] = max(run["peak"])
+        row.update(samples_s=run["times"], final_loss=run["loss"])
+        rows.append(row)
     return rows
+
+
+def bench_size(args: argparse.Namespace, size: str, accelerator, tokenizer, vocab_size: int) -> list[dict]:
+    """Build, time and report every configuration at one size; the models are freed before returning."""
+    seq_len = args.max_seq_length or SEQ_LEN_BY_SIZE[size]
+    torch.manual_seed(0)
+    runs = build_runs(args, size, seq_len, tokenizer, vocab_size, accelerator)
+    batch = next(iter(runs.values()))["batch"]
+    time_rounds(args, runs, random_blocks(batch, seq_len, vocab_size, accelerator.device), accelerator)
+    rows = step_rows(runs, size, seq_len, args.peak_tflops)
+    runs.clear()
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device, save=None) -> tuple[list[dict], list[dict]]:
+    """(rows, errors): every size in turn; a size that runs out of GPU memory is recorded and skipped.
+    `save(rows, errors)` is called after each size, so a run cut short keeps what it measured."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
+    tokenizer = load_tokenizer()
+    vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    rows, errors = [], []
+    for size in args.sizes:
+        try:
+            rows += bench_size(args, size, accelerator, tokenizer, vocab_size)
+        except torch.OutOfMemoryError as error:
+            errors.append(dict(size=size, error=f"out of memory: {str(error).splitlines()[0]}"))
+            gc.collect()
+            torch.cuda.empty_cache()
+        if save is not None:
+            save(rows, errors)
+    return rows, errors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,18 +455,39 @@ def bench_data(threads: int) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def markdown(rows: list[dict], data: dict | None) -> str:
-    lines = ["RTD training step (generator + discriminator + AdamW), `small`", ""]
-    lines += [
-        "| model | parameters | step s | tokens/s | vs equal-compute dense |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        versus = "–" if row["name"] == row["reference"] else f"{row['ratio']:.2f} (÷ {row['reference']})"
-        lines.append(
-            f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['step_s']:.2f} | "
-            f"{row['tokens_per_s']:,.0f} | {versus} |"
-        )
+def step_table(rows: list[dict]) -> list[str]:
+    """One markdown table per size; the MFU column only when the rows have one."""
+    lines = []
+    for size in dict.fromkeys(row["size"] for row in rows):
+        sized = [row for row in rows if row["size"] == size]
+        mfu = "mfu" in sized[0]
+        lines += [f"RTD training step (generator + discriminator + AdamW), `{size}`, batch {sized[0]['batch']} x "
+                  f"{sized[0]['seq_len']} tokens", ""]  # fmt: skip
+        lines += [
+            "| model | parameters | step s | tokens/s | TFLOP/s |"
+            + (" MFU |" if mfu else "")
+            + " vs equal-compute dense |",
+            "| --- | --- | --- | --- | --- |" + (" --- |" if mfu else "") + " --- |",
+        ]
+        for row in sized:
+            versus = (
+                "–"
+                if row["ratio"] is None or row["name"] == row["reference"]
+                else (f"{row['ratio']:.2f} (÷ {row['reference']})")
+            )
+            lines.append(
+                f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['step_s']:.3g} | "
+                f"{row['tokens_per_s']:,.0f} | {row['tflops_per_s']:.3g} |"
+                + (f" {row['mfu']:.1%} |" if mfu else "")
+                + f" {versus} |"
+            )
+        lines.append("")
+    return lines
+
+
+def markdown(rows: list[dict], data: dict | None, errors: list[dict] = (), skipped_data: bool = False) -> str:
+    lines = step_table(rows)
+    lines += [f"`{error['size']}` not measured: {error['error']}" for error in errors]
     if data:
         lines += ["", f"Data pipeline ({data['corpus']})", ""]
         lines += ["| stage | time s | tokens/s |", "| --- | --- | --- |"]
@@ -316,7 +502,7 @@ def markdown(rows: list[dict], data: dict | None) -> str:
         lines.append(
             f"| cached reload ({data['cached_tokens']:,} tokens) | {data['cache_reload_s']:.2f} | – |"
         )
-    else:
+    elif not skipped_data:
         lines += ["", "Data pipeline skipped: ../shared/data (wikitext-2, electra-vocab) not found."]
     return "\n".join(lines)
 
@@ -326,29 +512,39 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "no"
+    if device.type == "cuda":
+        args.peak_tflops = args.peak_tflops or H200_BF16_DENSE_TFLOPS
+        # 64x1 at base holds ~59 GB of weights and optimizer state beside the activations: let the caching
+        # allocator grow segments instead of fragmenting (read when CUDA first allocates, which is later).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     started = time.perf_counter()
-    rows = bench_steps(args, device)
-    data = None if args.skip_data else bench_data(args.threads)
+    suffix = "_quick" if args.quick else ""
+    output = args.output or RESULTS_DIR / f"bench_pretrain_{device.type}{suffix}.json"
     payload = dict(
         benchmark="bench_pretrain",
         command="python bench/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         machine=machine_description(device, args.threads),
         mixed_precision=args.mixed_precision,
+        compile=args.compile,
+        peak_tflops=args.peak_tflops,
+        flops_counted=rtd_step_flops.__doc__.split("\n\n", 1)[1].strip(),
         repeats=args.repeats,
-        load_average=os.getloadavg(),
-        steps=rows,
-        data=data,
-        wall_s=time.perf_counter() - started,
     )
-    print(markdown(rows, data))
-    suffix = "_quick" if args.quick else ""
-    output = args.output or RESULTS_DIR / f"bench_pretrain_{device.type}{suffix}.json"
-    write_json(output, payload)
+
+    def save(rows: list[dict], errors: list[dict], data: dict | None = None) -> None:
+        payload.update(load_average=os.getloadavg(), steps=rows, errors=errors, data=data,
+                       wall_s=time.perf_counter() - started)  # fmt: skip
+        write_json(output, payload)
+
+    rows, errors = bench_steps(args, device, save)
+    data = None if args.skip_data else bench_data(args.threads)
+    save(rows, errors, data)
+    print(markdown(rows, data, errors, args.skip_data))
     print(f"\nwrote {output} ({payload['wall_s']:.0f} s)")
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ a step never gets more than the time that is left.
 1. environment: GPU, compute capability, torch / CUDA / transformers / datasets versions
 2. `pytest -m cuda tests/test_cuda.py`
 3. `bench/bench_moe.py --device cuda`: Small and Base shapes, E in {8, 16, 64}, k in {1, 2}
-4. `bench/bench_pretrain.py --device cuda`: the RTD step's tokens/s in bf16
+4. `bench/bench_pretrain.py --device cuda`: the RTD step's tokens/s and MFU in bf16, small and base,
+   dense, dense-2x, 8x2 and 64x1
 5. `wikitext_trainer.py` small 8x2 bf16 on WikiText-2: checkpoints, is stopped with SIGUSR1 (exit 75),
    resumes and finishes; then `run_glue.py --bf16` on SST-2 (seeded 8k subsample, 1 epoch) from it
 6. `gpu_check.json` (everything measured) and `gpu_check.md` (a short summary) in the output folder
@@ -172,8 +173,9 @@ def step_pytest(check: Check, step: Step, scratch: Path) -> None:
 
 def bench_moe_command(dry: bool, output: Path) -> list[str]:
     if dry:
-        grid = ["--device", "cpu", "--shapes", "small", "--experts", "4", "--top_k", "2", "--tokens", "128",
-                "--repeats", "1", "--warmup", "0", "--methods", "dense", "loop", "grouped_mm"]  # fmt: skip
+        # One torch thread: two spin-wait against each other on a busy 2-core machine (tests/conftest.py).
+        grid = ["--device", "cpu", "--threads", "1", "--shapes", "small", "--experts", "4", "--top_k", "2",
+                "--tokens", "128", "--repeats", "1", "--warmup", "0", "--methods", "dense", "loop", "grouped_mm"]  # fmt: skip
     else:
         grid = ["--device", "cuda", "--shapes", "small", "base", "--experts", "8", "16", "64", "--top_k", "1", "2",
                 "--repeats", "10", "--warmup", "3", "--methods", "dense", "loop", "grouped_mm", "ec_grouped_mm", "hf_grouped_mm"]  # fmt: skip
@@ -181,14 +183,19 @@ def bench_moe_command(dry: bool, output: Path) -> list[str]:
 
 
 def bench_pretrain_command(dry: bool, output: Path) -> list[str]:
+    """The issue's grid on the GPU (small and base; dense, dense-2x, 8x2, 64x1), the smallest on the CPU."""
     if dry:
-        grid = ["--device", "cpu", "--quick", "--batch_size", "1", "--repeats", "1", "--warmup", "0"]
+        grid = ["--device", "cpu", "--threads", "1", "--sizes", "tiny", "--configs", "dense-2x", "moe8-top2",
+                "--batch_size", "2", "--max_seq_length", "32", "--repeats", "1", "--warmup", "0"]  # fmt: skip
     else:
-        grid = ["--device", "cuda", "--mixed_precision", "bf16", "--repeats", "5", "--warmup", "2"]
-    return ["bench/bench_pretrain.py", *grid, "--skip_data", "--output", str(output)]
+        grid = ["--device", "cuda", "--mixed_precision", "bf16", "--sizes", "small", "base", "--configs", "dense",
+                "dense-2x", "moe8-top2", "moe64-top1", "--repeats", "5", "--warmup", "2"]  # fmt: skip
+    peak = ["--peak_tflops", str(H200_BF16_DENSE_TFLOPS)]  # the dry run's MFU only exercises the column
+    return ["bench/bench_pretrain.py", *grid, *peak, "--skip_data", "--output", str(output)]
 
 
 def step_bench(check: Check, step: Step, command: list[str], output: Path) -> None:
+    output.unlink(missing_ok=True)  # a stale file must not pass for this run's results
     code = check.run([check.python, *command], step.name, time.monotonic() + check.limit(step.name))
     if code is None:
         step.status = "timeout"
@@ -196,8 +203,12 @@ def step_bench(check: Check, step: Step, command: list[str], output: Path) -> No
         step.status, step.detail = "failed", f"exit {code}; see gpu_check.log"
     else:
         step.status = "passed"
+    with contextlib.suppress(json.JSONDecodeError, OSError):  # what a failed run saved before it stopped
         step.results = summarize_bench(step.name, json.loads(output.read_text()))
-        step.detail = f"{len(step.results.get('rows', []))} rows in {output.name}"
+    if step.results.get("rows"):
+        step.detail = (
+            f"{step.detail + '; ' if step.detail else ''}{len(step.results['rows'])} rows in {output.name}"
+        )
 
 
 def summarize_bench(name: str, payload: dict) -> dict:
@@ -212,8 +223,10 @@ def summarize_bench(name: str, payload: dict) -> dict:
                          **{f"{m} peak MB": r.get("peak_mb") for m, r in methods.items()}})  # fmt: skip
     else:
         for row in payload.get("steps", []):
-            rows.append({key: row.get(key) for key in ("size", "name", "tokens_per_s", "ratio", "mfu")
-                         if key in row})  # fmt: skip
+            rows.append({key: row.get(key) for key in ("size", "name", "batch", "seq_len", "tokens_per_s",
+                         "tflops_per_s", "mfu", "ratio", "peak_memory_gib") if key in row})  # fmt: skip
+        rows += [{"size": error.get("size"), "name": f"not measured: {error.get('error')}"}
+                 for error in payload.get("errors", [])]  # fmt: skip
     return {"rows": rows}
 
 

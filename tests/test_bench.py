@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from bench import bench_expert_gemms, bench_moe, bench_pretrain
+from modeling_electra import ElectraMoEForMaskedLM, ElectraMoEForPreTraining
+from modeling_electra_config import ElectraMoEConfig, make_generator_config
+from rtd import ElectraPretrainingModel
 
 
 def test_bench_moe_runs_every_method_and_writes_json(tmp_path):
@@ -31,15 +34,134 @@ def test_bench_moe_rejects_bad_arguments(capsys):
     assert bench_moe.main(["--tokens", "100", "--shapes", "small"]) == 2
 
 
+def tiny_configs(**moe):
+    """A 1-layer discriminator (embeddings 4 wide, vocabulary 10) and its 6-wide generator."""
+    sizes = dict(num_hidden_layers=1, embedding_size=4, vocab_size=10, max_position_embeddings=64)
+    disc = ElectraMoEConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16, **sizes, **moe)
+    gen = ElectraMoEConfig(hidden_size=6, num_attention_heads=1, intermediate_size=8, **sizes)
+    return disc, gen
+
+
+def test_rtd_step_flops_matches_a_hand_count():
+    """One sequence of 10 tokens, 1 of them masked (ELECTRA's cap at length 10: int(0.155 x 10) = 1)."""
+    assert bench_pretrain.masked_per_sequence(10) == 1 and bench_pretrain.masked_per_sequence(128) == 19
+    # Discriminator, per token: Q/K/V/O 4 x 2 x 8 x 8 = 512, scores and values 2 x 2 x 10 x 8 = 320, FFN
+    # 2 x 2 x 8 x 16 = 512, projection 2 x 4 x 8 = 64, head 2 x 8 x 8 + 2 x 8 = 144: 1552 x 10 tokens.
+    # Generator, per token: 4 x 2 x 6 x 6 = 288, 2 x 2 x 10 x 6 = 240, 2 x 2 x 6 x 8 = 192, 2 x 4 x 6 = 48:
+    # 768 x 10 tokens; its MLM head on the masked token: 2 x 6 x 4 + 2 x 4 x 10 = 128. Backward = 2 x forward.
+    generator = 7680 + 128
+    assert bench_pretrain.rtd_step_flops(*tiny_configs(), batch=1, seq_len=10) == 3 * (15520 + generator)
+    # 4 experts, top-2: the FFN becomes the router 2 x 8 x 4 = 64 plus two experts 2 x 512 per token.
+    top2 = tiny_configs(num_experts=4, top_k=2)
+    assert bench_pretrain.rtd_step_flops(*top2, 1, 10) == 3 * (15520 + 10 * (64 + 512) + generator)
+    # Expert choice at capacity factor 2, 3 experts: each takes ceil(2 x 10 / 3) = 7 tokens, 2.1 per token.
+    expert_choice = tiny_configs(num_experts=3, router_type="expert_choice", capacity_factor=2.0)
+    moe_ffn = 2 * 8 * 3 + 2.1 * 512
+    expected = 3 * (15520 + 10 * (moe_ffn - 512) + generator)
+    assert bench_pretrain.rtd_step_flops(*expert_choice, 1, 10) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(),
+        dict(num_experts=4, top_k=2),
+        dict(num_experts=3, top_k=1, router_type="noisy_topk"),
+        dict(num_experts=3, router_type="expert_choice", capacity_factor=2.0),
+    ],
+    ids=["dense", "top2", "noisy-top1", "expert-choice"],
+)
+def test_rtd_step_flops_agrees_with_torch_flop_counter(moe):
+    """torch's FlopCounterMode over a real forward + backward of the RTD objective counts the same matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokenizer = bench_pretrain.load_tokenizer()
+    sizes = dict(
+        hidden_size=32, num_attention_heads=2, intermediate_size=64, embedding_size=16, num_hidden_layers=2
+    )
+    disc = ElectraMoEConfig.from_preset("tiny", vocab_size=1200, **sizes, **moe)
+    gen = make_generator_config(disc, generator_size=1 / 2)
+    for config in (disc, gen):
+        config._attn_implementation = "eager"  # matmuls FlopCounterMode sees (it has no CPU SDPA formula)
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(ElectraMoEForMaskedLM(gen), ElectraMoEForPreTraining(disc), tokenizer)
+    input_ids = bench_pretrain.random_blocks(3, 40, 1200, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids)["loss"].backward()
+    expected = bench_pretrain.rtd_step_flops(disc, gen, batch=3, seq_len=40)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+
+
+def test_bench_pretrain_default_grids_and_bad_arguments(capsys):
+    study = ["dense", "dense-2x"] + [f"moe{e}-top{k}" for e in (2, 4, 8) for k in (1, 2)]
+    assert bench_pretrain.config_names(bench_pretrain.parse_args([])) == study
+    quick = bench_pretrain.parse_args(["--quick"])
+    assert bench_pretrain.config_names(quick) == ["dense", "dense-2x", "moe8-top2"] and quick.sizes == [
+        "small"
+    ]
+    assert bench_pretrain.config_spec("dense-2x", "base")["flags"] == ["--intermediate_size", "6144"]
+    spec = bench_pretrain.config_spec("moe64-ec2", "small")
+    assert spec["reference"] == "dense-2x" and "expert_choice" in spec["flags"]
+    for argv, message in [
+        (["--configs", "dense", "sparse"], "unknown configuration 'sparse'"),
+        (["--configs", "moe2-top4"], "top-k must be at most"),
+        (["--max_seq_length", "513"], "--max_seq_length must be between"),
+        (["--sizes", "large"], "invalid choice"),
+        (["--peak_tflops", "0"], "--peak_tflops must be > 0"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench_pretrain.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 @pytest.mark.slow
-def test_bench_pretrain_step_runs(tmp_path):
+def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)  # wiring, not speed
     output = tmp_path / "pretrain.json"
-    argv = ["--quick", "--batch_size", "2", "--repeats", "1", "--warmup", "0", "--skip_data"]
-    assert bench_pretrain.main([*argv, "--output", str(output)]) == 0
-    steps = {row["name"]: row for row in json.loads(output.read_text())["steps"]}
-    assert set(steps) == {"dense", "dense-2x", "moe8-top2"}
-    assert steps["moe8-top2"]["reference"] == "dense-2x"
-    assert steps["moe8-top2"]["parameters"] > steps["dense-2x"]["parameters"] > steps["dense"]["parameters"]
+    argv = ["--sizes", "tiny", "--configs", "dense", "dense-2x", "moe4-top2", "moe4-ec1", "--batch_size", "2"]
+    argv += ["--max_seq_length", "16", "--repeats", "1", "--warmup", "0", "--skip_data", "--threads", "1"]
+    assert bench_pretrain.main([*argv, "--peak_tflops", "100", "--compile", "--output", str(output)]) == 0
+    payload = json.loads(output.read_text())
+    steps = {row["name"]: row for row in payload["steps"]}
+    assert list(steps) == ["dense", "dense-2x", "moe4-top2", "moe4-ec1"] and len(compiled) == 4
+    assert steps["moe4-top2"]["reference"] == "dense-2x" and steps["moe4-ec1"]["reference"] == "dense"
+    assert steps["moe4-top2"]["parameters"] > steps["dense-2x"]["parameters"] > steps["dense"]["parameters"]
+    for row in steps.values():
+        assert (row["size"], row["batch"], row["seq_len"], row["tokens_per_step"]) == ("tiny", 2, 16, 32)
+        assert row["tflops_per_s"] == pytest.approx(row["flops_per_step"] / row["step_s"] / 1e12)
+        assert row["mfu"] == pytest.approx(row["tflops_per_s"] / 100)
+    # top-2 and dense-2x do the same FFN work, plus the router: 3 (fwd + bwd) x 2 x 32 tokens x hidden 128 x
+    # 4 experts x 4 layers; expert choice at capacity factor 1 that of dense
+    router = 3 * 2 * 32 * 128 * 4 * 4
+    assert steps["moe4-top2"]["flops_per_step"] == steps["dense-2x"]["flops_per_step"] + router
+    assert steps["moe4-ec1"]["flops_per_step"] == steps["dense"]["flops_per_step"] + router
+    table = capsys.readouterr().out
+    assert "`tiny`, batch 2 x 16 tokens" in table and "| TFLOP/s | MFU |" in table
+    assert payload["peak_tflops"] == 100 and "3 x the forward" in payload["flops_counted"]
+    assert bench_pretrain.main([*argv, "--configs", "dense", "--output", str(output)]) == 0
+    (row,) = json.loads(output.read_text())["steps"]
+    assert "mfu" not in row and "MFU" not in capsys.readouterr().out  # no MFU on CPU unless asked
+
+
+def test_bench_pretrain_keeps_the_sizes_measured_when_one_runs_out_of_memory(tmp_path, monkeypatch, capsys):
+    def fake_size(args, size, *rest):
+        if size == "base":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12 GiB")
+        row = dict(size=size, name="dense", reference="dense", ratio=1.0, parameters=1e6, batch=2, seq_len=8,
+                   step_s=1.0, tokens_per_s=16.0, tflops_per_s=1e-6)  # fmt: skip
+        return [row]
+
+    monkeypatch.setattr(bench_pretrain, "bench_size", fake_size)
+    output = tmp_path / "pretrain.json"
+    argv = ["--sizes", "small", "base", "--skip_data", "--threads", "1", "--output", str(output)]
+    assert bench_pretrain.main(argv) == 1
+    payload = json.loads(output.read_text())
+    assert [row["size"] for row in payload["steps"]] == ["small"]
+    assert payload["errors"] == [
+        dict(size="base", error="out of memory: CUDA out of memory. Tried to allocate 12 GiB")
+    ]
+    assert "`base` not measured: out of memory" in capsys.readouterr().out
 
 
 def test_expert_gemm_runners_compute_each_kinds_product():

@@ -51,6 +51,9 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert 0 <= steps["glue"]["results"]["eval_accuracy"] <= 1
     summary = (out / "gpu_check.md").read_text()
     assert "CPU dry run" in summary and "| pretrain | passed |" in summary and "## bench_moe" in summary
+    bench_pretrain = summary[summary.index("## bench_pretrain") :].splitlines()[2]
+    assert bench_pretrain.startswith("| size | name |") and "| tflops_per_s | mfu | ratio |" in bench_pretrain
+    assert [row["name"] for row in steps["bench_pretrain"]["results"]["rows"]] == ["dense-2x", "moe8-top2"]
     assert "CUDA tests were skipped" in summary and summary.strip() in proc.stdout
 
 
@@ -99,6 +102,29 @@ def test_gpu_commands_cover_the_issue_grid():
     assert moe[moe.index("--shapes") + 1 : moe.index("--experts")] == ["small", "base"]
     pretrain = gpu_check.bench_pretrain_command(dry=False, output=REPO_ROOT / "y.json")
     assert "cuda" in pretrain and "bf16" in pretrain
+    assert pretrain[pretrain.index("--sizes") + 1 : pretrain.index("--configs")] == ["small", "base"]
+    configs = pretrain[pretrain.index("--configs") + 1 : pretrain.index("--repeats")]
+    assert configs == ["dense", "dense-2x", "moe8-top2", "moe64-top1"]
+    assert pretrain[pretrain.index("--peak_tflops") + 1] == str(gpu_check.H200_BF16_DENSE_TFLOPS) == "790"
     assert gpu_check.GPU_PRETRAIN["mixed_precision"] == "bf16" and gpu_check.GPU_GLUE["bf16"] is True
     assert gpu_check.GPU_GLUE["max_train_samples"] == 8000 and gpu_check.GPU_GLUE["num_train_epochs"] == 1
     assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
+
+
+def test_a_failed_benchmark_keeps_what_it_saved_and_a_stale_file_is_not_read(tmp_path):
+    output = tmp_path / "bench_pretrain.json"
+    output.write_text(json.dumps({"steps": [{"size": "small", "name": "stale"}]}))
+    saved = {"steps": [{"size": "small", "name": "dense", "tokens_per_s": 1e6, "mfu": 0.3}],
+             "errors": [{"size": "base", "error": "out of memory"}]}  # fmt: skip
+    write_then_fail = f"import json, sys; open(sys.argv[1], 'w').write({json.dumps(saved)!r}); sys.exit(1)"
+    check = gpu_check.Check(tmp_path, 60, {"bench_pretrain": 60}, sys.executable)
+    step = gpu_check.Step("bench_pretrain")
+    gpu_check.step_bench(check, step, ["-c", write_then_fail, str(output)], output)
+    assert step.status == "failed" and "2 rows" in step.detail
+    assert step.results["rows"] == [
+        {"size": "small", "name": "dense", "tokens_per_s": 1e6, "mfu": 0.3},
+        {"size": "base", "name": "not measured: out of memory"},
+    ]
+    step = gpu_check.Step("bench_pretrain")
+    gpu_check.step_bench(check, step, ["-c", "import sys; sys.exit(3)"], output)
+    assert step.status == "failed" and step.results == {} and not output.exists()
