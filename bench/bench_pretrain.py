@@ -291,9 +291,11 @@ def build_runs(
     runs = {}
     for name in config_names(args):
         config = config_spec(name, size)
-        run, trainer_args, (disc, gen) = build_training(
-            size, config["flags"], seq_len, tokenizer, vocab_size, accelerator, args.warmup + args.repeats
-        )
+        # Created and initialised on the device: 64x1 at base has 3.6 G parameters, slow to fill on the host.
+        with torch.device(accelerator.device):
+            run, trainer_args, (disc, gen) = build_training(
+                size, config["flags"], seq_len, tokenizer, vocab_size, accelerator, args.warmup + args.repeats
+            )
         params = sum(p.numel() for p in run.model.parameters())
         if args.compile:
             run.model = torch.compile(run.model)
