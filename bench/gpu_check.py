@@ -331,29 +331,32 @@ def step_glue(check: Check, step: Step, scratch: Path, data: str, run_dir: Path 
 
 def markdown_summary(report: dict) -> str:
     env = report["steps"][0]["results"]
+    steps = [
+        {"step": s["name"], "status": s["status"], "seconds": f"{s['seconds']:.0f}", "detail": s["detail"]}
+        for s in report["steps"]
+    ]
     lines = [f"# GPU check, {report['date']}{' (CPU dry run)' if report['cpu_dry_run'] else ''}", "",
              f"Commit {report['commit']}; {env.get('gpu', 'no GPU')} (sm {env.get('capability', '-')}), torch "
              f"{env.get('torch')}, CUDA {env.get('cuda')}, transformers {env.get('transformers')}, datasets "
-             f"{env.get('datasets')}; {report['wall_s']:.0f} s.", "",
-             "| step | status | seconds | detail |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for step in report["steps"]:
-        lines.append(f"| {step['name']} | {step['status']} | {step['seconds']:.0f} | {step['detail']} |")
+             f"{env.get('datasets')}; {report['wall_s']:.0f} s.", "", markdown_table(steps)]  # fmt: skip
     for step in report["steps"]:
         rows = step["results"].get("rows") if isinstance(step["results"], dict) else None
         if rows:
-            keys = list(dict.fromkeys(k for row in rows for k in row))
-            lines += [
-                "",
-                f"## {step['name']}",
-                "",
-                "| " + " | ".join(keys) + " |",
-                "|" + " --- |" * len(keys),
-            ]
-            lines += ["| " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
+            lines += ["", f"## {step['name']}", "", markdown_table(rows)]
     if report["cpu_dry_run"]:
         lines += ["", "CPU dry run: toy sizes; the CUDA tests were skipped (no GPU), so this proves only that "
                   "the kit runs, not the GPU path."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows (dicts, keys in first-seen order, missing cells empty) as one markdown table via outputs.py."""
+    import pandas as pd
+
+    from outputs import render_table
+
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return render_table(pd.DataFrame([{k: fmt(row.get(k)) for k in keys} for row in rows], columns=keys))
 
 
 def fmt(value: Any) -> str:
