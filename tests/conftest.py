@@ -22,6 +22,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A test that calls a benchmark's main() sets torch's thread count; later in-process runs keep one."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 

@@ -34,9 +34,15 @@ ERROR_PREFIX = "wikitext_trainer.py: error: "
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, vocab_dir):
-    """(run dir, data cache, final weights) of the uninterrupted run."""
+    """(run dir, data cache, final weights) of the uninterrupted run.
+
+    A subprocess like the resumed runs it is compared with: in-process it would inherit torch's global state
+    from conftest and earlier tests (the thread count a benchmark's main() sets), and another thread count
+    reduces in another order, so the weights differed in their last bits when the whole suite ran.
+    """
     root = tmp_path_factory.mktemp("finished")
-    assert wt.main(trainer_argv(root, vocab_dir, *RUN_FLAGS)) == 0
+    result = run_trainer(trainer_argv(root, vocab_dir, *RUN_FLAGS))
+    assert result.returncode == 0, result.stderr[-3000:]
     run_dir = root / "out" / "run"
     return run_dir, root / "cache", final_weights(run_dir)
 
