@@ -30,6 +30,7 @@ def keep_torch_threads():
     yield
     torch.set_num_threads(threads)
 
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
