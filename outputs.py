@@ -15,12 +15,12 @@ from typing import Any
 TABLE_FORMATS = ("markdown", "latex")
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(final: Path, write: Callable[[Path], None], replace: bool = False) -> None:
     """Write a file or directory under a temporary sibling name, then rename it into place.
 
-    `write(tmp)` creates `tmp`. A crash leaves no partial `final`. If `final` is a directory that already
-    exists (another process finished the same content first), the new copy is discarded; an existing file
-    is replaced.
+    `write(tmp)` creates `tmp`. A crash leaves no partial `final`. An existing file is replaced. An existing
+    directory is replaced whole with `replace=True` (see `publish`); otherwise it is kept and the new copy
+    discarded (another process finished the same content first).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -28,13 +28,29 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     remove(tmp)
     try:
         write(tmp)
-        if final.is_dir():
+        if final.is_dir() and not replace:
             remove(tmp)
         else:
-            os.replace(tmp, final)
+            publish(tmp, final)
     except BaseException:
         remove(tmp)
         raise
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished file or directory `tmp` into place as `final`, replacing what is there whole.
+
+    An existing directory is first renamed aside and deleted only once the new one is in place, so at
+    every moment `final` is either the old or the new content, never a mixture.
+    """
+    old = None
+    if final.is_dir() and not final.is_symlink():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        remove(old)
+        final.rename(old)
+    os.replace(tmp, final)
+    if old is not None:
+        remove(old)
 
 
 def remove(path: Path) -> None:

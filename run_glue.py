@@ -70,7 +70,7 @@ from input_checks import (
 )
 from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig
 from optimization import SCHEDULES, make_schedule
-from outputs import write_json_atomically, write_text_atomically
+from outputs import publish, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("run_glue")
 
@@ -903,17 +903,6 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return run_dir
-
-
-def publish(tmp_dir: Path, run_dir: Path) -> None:
-    """Move a finished run into place; an existing run (with --overwrite_output_dir) is replaced whole."""
-    old = None
-    if run_dir.exists():
-        old = run_dir.parent / f".{run_dir.name}.old-{os.getpid()}"
-        run_dir.rename(old)
-    tmp_dir.rename(run_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> int:

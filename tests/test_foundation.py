@@ -60,6 +60,9 @@ def test_atomic_writes_leave_no_partial_output(tmp_path):
     write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w.bin").write_bytes(b"2")))
     assert (folder / "w.bin").read_bytes() == b"1"  # an existing folder is never half-replaced
     assert sorted(os.listdir(tmp_path)) == ["model", "sub"]
+    # replace=True swaps the whole folder: no file of the old one survives, no temporary is left.
+    write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "v.bin").write_bytes(b"3")), replace=True)
+    assert os.listdir(folder) == ["v.bin"] and sorted(os.listdir(tmp_path)) == ["model", "sub"]
 
 
 def test_render_table_markdown_and_latex():
