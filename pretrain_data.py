@@ -197,7 +197,7 @@ def tokenize_into_blocks(batch: dict[str, list[str]], tokenizer: Any, max_seq_le
 def draw_target_length(rng: random.Random, max_length: int) -> int:
     """ELECTRA's length of the next example: `randint(5, max_length)` with probability 0.05, else `max_length`."""
     if rng.random() < SHORT_EXAMPLE_PROB:
-        return rng.randint(MIN_SHORT_EXAMPLE_LENGTH, max_length)
+        return rng.randint(min(MIN_SHORT_EXAMPLE_LENGTH, max_length), max_length)
     return max_length
 
 

@@ -271,6 +271,8 @@ class MetricWindow:
             "experts_per_token",
             "gen_expert_load",
             "gen_router_entropy",
+            "gen_dropped_fraction",
+            "gen_experts_per_token",
         ):
             if name in mean:
                 metrics[name] = mean[name].tolist()

@@ -288,6 +288,8 @@ CHANGEABLE_ON_RESUME = frozenset(
         "overwrite_output_dir", "push_to_hub", "hub_model_id",
     }
 )  # fmt: skip
+# What a run recorded before these flags existed did: a record without them is compared with these values.
+FLAG_VALUES_BEFORE_THE_FLAG = {"lr_schedule": "linear", "example_format": "packed"}
 # The step limit may only rise; these follow from it and from run-defining flags already compared.
 STEP_LIMIT_FLAGS = ("max_training_steps", "num_epochs")
 DERIVED_FROM_COMPARED = frozenset({"total_steps", "steps_per_epoch", "validation_blocks"})
@@ -301,7 +303,8 @@ def check_resume_args(
     The record is the run's `training_args.json` (or, resuming another run's checkpoint into a new folder,
     that run's). `flags` are the command-line values, `derived` the values that follow from the data and
     the processes (vocabulary size, blocks, steps). Every difference is listed in one InputError; keys the
-    record lacks (flags added since) are not compared.
+    record lacks (flags added since) are not compared, except those whose behaviour before the flag
+    existed differs from today's default (FLAG_VALUES_BEFORE_THE_FLAG).
     """
     record = run_dir / TRAINING_ARGS_FILE
     if not record.is_file():
@@ -315,6 +318,7 @@ def check_resume_args(
         saved = json.loads(record.read_text())
     except ValueError as error:
         raise InputError(f"{record} is not valid JSON ({error}); it records the run's flags") from error
+    saved = {**FLAG_VALUES_BEFORE_THE_FLAG, **saved}
     now = {**flags, **derived}
     ignored = CHANGEABLE_ON_RESUME | DERIVED_FROM_COMPARED | set(STEP_LIMIT_FLAGS)
     changes = [

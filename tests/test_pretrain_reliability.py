@@ -141,6 +141,20 @@ def test_resume_with_changed_run_defining_flags_is_refused_listing_each(argv, ki
     assert snapshot(killed_in_final_save) == before, "a refused resume must leave the run untouched"
 
 
+def test_a_run_recorded_before_the_schedule_and_format_flags_resumes_only_with_what_it_did(
+    argv, killed_in_final_save
+):
+    """A record without --lr_schedule/--example_format was trained with the linear schedule on packed blocks:
+    today's defaults (electra, electra) would switch both mid-run."""
+    record = killed_in_final_save / "training_args.json"
+    saved = json.loads(record.read_text())
+    for key in ("lr_schedule", "example_format"):
+        del saved[key]
+    record.write_text(json.dumps(saved))
+    result = run_trainer(argv("--resume_from_checkpoint", "auto"))
+    usage_error(result, "--lr_schedule linear -> electra", "--example_format packed -> electra")
+
+
 def test_resume_may_change_cadence_and_raise_the_step_limit(argv, killed_in_final_save):
     cadence = ("--logging_steps", "2", "--eval_steps", "4", "--save_steps", "1", "--save_total_limit", "4")
     cadence += ("--preprocessing_num_workers", "2", "--max_training_steps", "8")
