@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -70,7 +68,7 @@ from input_checks import (
 )
 from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig
 from optimization import SCHEDULES, make_schedule
-from outputs import publish, write_json_atomically, write_text_atomically
+from outputs import write_atomically, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("run_glue")
 
@@ -866,10 +864,8 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
         logger.warning("--bf16 ignored: no CUDA device (bf16 matmuls are far slower than fp32 on CPU)")
     raw, encoded = encode_splits(args, task, splits, tokenizer, seed)
 
-    tmp_dir = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    def fine_tune_into(tmp_dir: Path) -> None:
+        tmp_dir.mkdir()
         trainer = build_trainer(
             args, hyper, task, model, tokenizer, encoded.get("train"), tmp_dir, seed, use_bf16
         )
@@ -898,10 +894,9 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         write_run_record(tmp_dir, trainer, run_config)
-        publish(tmp_dir, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+
+    # Written under a temporary name and moved into place whole: a killed run leaves no partial run folder.
+    write_atomically(run_dir, fine_tune_into, replace=True)
     return run_dir
 
 

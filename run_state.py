@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from outputs import remove, write_json_atomically, write_text_atomically
+from outputs import publish, remove, write_json_atomically, write_text_atomically
 from pretrain_data import InputError
 
 logger = logging.getLogger("wikitext_trainer")
@@ -85,9 +85,11 @@ def start_run_dir(run_dir: Path, overwrite: bool, resolved_args: dict[str, Any])
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Folders a killed save left behind: `checkpoints/tmp-checkpoint-*` and `.tmp-*` of the final models."""
-    stale = [*(run_dir / CHECKPOINT_DIR).glob(f"{TMP_CHECKPOINT_PREFIX}*"), *run_dir.glob(".tmp-*")]
-    stale += (run_dir / CHECKPOINT_DIR).glob(".tmp-*")
+    """Folders a killed save left behind: `checkpoints/tmp-checkpoint-*`, and the `.tmp-*` and `.old-*` of
+    `outputs.write_atomically` / `publish` (final models, a checkpoint written again)."""
+    stale = [*(run_dir / CHECKPOINT_DIR).glob(f"{TMP_CHECKPOINT_PREFIX}*")]
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        stale += [*folder.glob(".tmp-*"), *folder.glob(".old-*")]
     for path in stale:
         remove(path)
 
@@ -163,9 +165,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save
             remove(tmp)  # give the space back; the previous checkpoints stay as they were
         raise
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
+        publish(tmp, final)
         for _, old in list_checkpoints(run_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

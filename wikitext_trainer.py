@@ -16,7 +16,6 @@ import codecs
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -875,10 +874,8 @@ def validate(p: Pretraining, state: LoopState) -> None:
 def save_final_models(model: ElectraPretrainingModel, tokenizer: Any, run_dir: Path) -> None:
     """Write generator/ and discriminator/ (last, it marks the run finished) via temp dirs and renames."""
     for name in ("generator", "discriminator"):
-        final = run_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        write_atomically(final, partial(save_pretrained_with_tokenizer, getattr(model, name), tokenizer))
+        save = partial(save_pretrained_with_tokenizer, getattr(model, name), tokenizer)
+        write_atomically(run_dir / name, save, replace=True)
 
 
 def save_pretrained_with_tokenizer(part: nn.Module, tokenizer: Any, directory: Path) -> None:
