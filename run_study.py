@@ -9,7 +9,8 @@ A study pretrains its models (a "pretrain" section), converts them from a pretra
 (a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`), or both:
 a "pretrain" model whose `init_discriminator_from` names a converted model continues pretraining from it
 (with its tokenizer). GLUE fine-tunes `glue.models` (default: every model) with `glue.args`, plus `glue.task_args[task]` for a
-task that needs its own flags. The config is checked against
+task that needs its own flags; `glue.baseline` names the model every other one is compared with (paired
+differences over shared seeds in the table and the notebook). The config is checked against
 `SCHEMA` (keys, types, and every flag against the script it is passed to) before anything runs or is created.
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
@@ -98,6 +99,7 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
             "random_init_baselines": (list, False),
             "models": (ListOf(str), False),
             "task_args": (Named(FINETUNER), False),
+            "baseline": (str, False),
         },
         True,
     ),
@@ -222,6 +224,11 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
         for name in study["glue"].get(key, []):
             if name not in models:
                 raise ConfigError(f"'glue.{key}': '{name}' is not one of the study's models {models}")
+    baseline = study["glue"].get("baseline")
+    fine_tuned = [*study["glue"].get("models", models)]
+    fine_tuned += [f"{name}_random_init" for name in study["glue"].get("random_init_baselines", [])]
+    if baseline is not None and baseline not in fine_tuned:
+        raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
     if check_flag_names:
         known = {script: script_flags(script) for script in {script for script, _, _ in flag_sets}}
         for script, where, options in flag_sets:
@@ -315,7 +322,13 @@ def run_stage(name: str, command: list[str], log_dir: Path) -> None:
     print(f"=== stage {name} done in {time.time() - start:.0f} s ===", flush=True)
 
 
-def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: Path, executed: Path):
+def execute_notebook(
+    summary_csv: Path,
+    pretrain_dir: Path | None,
+    figure_dir: Path,
+    executed: Path,
+    baseline: str | None = None,
+):
     """Execute the results notebook headless with its parameter cell set to this study's paths.
 
     The executed notebook is written to `executed` (also when a cell fails) and returned.
@@ -330,6 +343,7 @@ def execute_notebook(summary_csv: Path, pretrain_dir: Path | None, figure_dir: P
         f"SUMMARY_CSV = {str(summary_csv)!r}\n"
         f"PRETRAIN_DIR = {str(pretrain_dir) if pretrain_dir else None!r}\n"
         f"FIGURE_DIR = {str(figure_dir)!r}\n"
+        f"BASELINE = {baseline!r}\n"
     )
     client = NotebookClient(
         notebook,
@@ -466,15 +480,19 @@ def glue_stages(
     return glue_root
 
 
-def report_stages(glue_root: Path, curves_dir: Path | None, output_dir: Path) -> tuple[Path, Path]:
-    """Gather the results table and execute the notebook; returns (figure folder, executed notebook)."""
+def report_stages(
+    glue_root: Path, curves_dir: Path | None, output_dir: Path, baseline: str | None = None
+) -> tuple[Path, Path]:
+    """Gather the results table (with `glue.baseline`: the paired differences to it) and execute the
+    notebook; returns (figure folder, executed notebook)."""
     command = [sys.executable, "gather_glue_results.py", str(glue_root), "--format", "markdown"]
+    command += ["--baseline", baseline] if baseline else []
     run_stage("gather", command, output_dir / "logs")
     figure_dir = output_dir / "figures"
     print("\n=== stage notebook ===", flush=True)
     executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
     try:
-        execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed)
+        execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed, baseline)
     except Exception as error:
         raise StageError(
             f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
@@ -514,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         glue_root = glue_stages(study, args, data, output_dir, model_dirs)
         # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
         curves_dir = output_dir / "pretrain" if "pretrain" in study else None
-        figure_dir, executed = report_stages(glue_root, curves_dir, output_dir)
+        figure_dir, executed = report_stages(glue_root, curves_dir, output_dir, study["glue"].get("baseline"))
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ def test_notebook_has_one_parameter_cell_and_no_stored_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     cells = parameter_cells(notebook)
     assert len(cells) == 1
-    assert all(name in cells[0].source for name in ("SUMMARY_CSV", "PRETRAIN_DIR", "FIGURE_DIR"))
+    assert all(name in cells[0].source for name in ("SUMMARY_CSV", "PRETRAIN_DIR", "FIGURE_DIR", "BASELINE"))
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
@@ -65,9 +65,19 @@ def stream_text(notebook) -> str:
     )
 
 
+def displayed_text(notebook) -> str:
+    return "".join(
+        output.get("data", {}).get("text/plain", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.output_type in ("display_data", "execute_result")
+    )
+
+
 @pytest.mark.slow
 def test_heatmap_falls_back_to_the_common_tasks_mean(tmp_path):
-    """A mini-study (CoLA, SST-2, RTE, WNLI) has no GLUE score: the heatmap shows the common-task mean."""
+    """A mini-study (CoLA, SST-2, RTE, WNLI) has no GLUE score: the heatmap shows the common-task mean.
+    With BASELINE named, every other model, the dense one included, is compared with it."""
     results = make_results_tree(tmp_path / "results")
     for task_dir in results.glob("*/*"):
         if task_dir.is_dir() and task_dir.name not in ("cola", "sst2", "rte", "wnli"):
@@ -75,9 +85,16 @@ def test_heatmap_falls_back_to_the_common_tasks_mean(tmp_path):
     shutil.rmtree(results / "original_study_4experts")
     assert gather_glue_results.main([str(results)]) == 0
     notebook = run_study.execute_notebook(
-        results / "glue_results_summary.csv", None, tmp_path / "figures", tmp_path / "executed.ipynb"
+        results / "glue_results_summary.csv",
+        None,
+        tmp_path / "figures",
+        tmp_path / "executed.ipynb",
+        baseline="moe4_top1",
     )
     printed = stream_text(notebook)
+    compared = displayed_text(notebook)
+    assert "dense (dense) − moe4_top1" in compared and "moe4_top2" in compared
+    assert "moe4_top1 (E=4, k=1) − moe4_top1" not in compared
     assert "no configuration has all 8 GLUE tasks: the heatmap shows the mean over cola sst2 rte" in printed
     assert (tmp_path / "figures" / "glue_score_heatmap.png").is_file()
     assert (tmp_path / "figures" / "glue_paired_difference_rte.png").is_file()

@@ -165,6 +165,8 @@ def renamed(study: dict, section: str, old: str, new: str, value=None) -> dict:
         (renamed(demo_study(), "glue", "tasks", "tasks", ["sst2", "sts-b"]), "unknown task 'sts-b' (did you mean 'stsb'?)"),
         (renamed(demo_study(), "glue", "random_init_baselines", "random_init_baselines", ["moe"]),
          "'moe' is not one of the study's models"),
+        (renamed(demo_study(), "glue", "baseline", "baseline", "moe"),
+         "'glue.baseline': 'moe' is not one of the fine-tuned models"),
     ],
 )  # fmt: skip
 def test_bad_configs_exit_2_with_one_line_before_anything_is_created(config, message, tmp_path):
@@ -204,7 +206,7 @@ def test_flags_are_checked_against_the_scripts_they_go_to(tmp_path, capsys):
             str(error.value)
             == f"'{'.'.join(section)}.{key}' is not a flag of {script} (did you mean '{hint}'?)"
         )
-    for name in ("demo", "mini_study", "transfer"):
+    for name in ("demo", "mini_study", "transfer", "upcycle", "upcycle_select"):
         run_study.validate_study(json.loads((REPO_ROOT / "study_configs" / f"{name}.json").read_text()))
 
 
@@ -281,8 +283,11 @@ def test_upcycle_study_converts_continues_and_fine_tunes_every_arm_alike(tmp_pat
     monkeypatch.setattr(
         run_study, "run_stage", lambda name, command, log_dir: commands.setdefault(name, command)
     )
+    reported = []
     monkeypatch.setattr(
-        run_study, "report_stages", lambda *args: (tmp_path / "figures", tmp_path / "nb.ipynb")
+        run_study,
+        "report_stages",
+        lambda *args: reported.append(args) or (tmp_path / "figures", tmp_path / "nb.ipynb"),
     )
     wheel = tmp_path / "minilm.whl"
     wheel.write_bytes(b"")
@@ -293,6 +298,7 @@ def test_upcycle_study_converts_continues_and_fine_tunes_every_arm_alike(tmp_pat
     out = tmp_path / "study"
     argv = ["--config", str(REPO_ROOT / "study_configs" / "upcycle.json"), "--bert_path", str(wheel)]
     assert run_study.main([*argv, "--data", str(data), "--output_dir", str(out)]) == 0
+    assert reported[0][-1] == "minilm-dense-cont"  # every arm is compared with the continued dense model
 
     def flags(name):
         command = commands[name]
