@@ -189,3 +189,34 @@ def test_bench_expert_gemms_runs_and_rejects_uneven_slices(tmp_path, capsys):
         assert all(ms > 0 for ms in row["methods"]["per_expert"]["min_ms"].values())
     assert bench_expert_gemms.main(["--shapes", "small", "--experts", "3", "--tokens", "256"]) == 2
     assert "equal slices" in capsys.readouterr().err
+
+
+def test_expert_divergence_known_answers_and_saved_models(tmp_path, capsys):
+    """Copies have moved 0 and spread 0; doubling one of 8 experts gives moved 1/8 and spread 0.875*2/8/1.125."""
+    from transformers import ElectraConfig, ElectraForPreTraining
+
+    from bench import expert_divergence
+    from modeling_electra import upcycle_dense_to_moe
+    from test_modeling import TINY
+
+    weight = torch.randn(1, 6, 10)
+    experts = weight.repeat(8, 1, 1)
+    experts[0] *= 2
+    (row,) = expert_divergence.divergence({0: weight}, {0: experts})
+    assert row["experts"] == 8 and row["moved"] == pytest.approx(1 / 8)
+    assert row["spread"] == pytest.approx((0.875 + 7 * 0.125) / 8 / 1.125)
+
+    torch.manual_seed(0)
+    dense = ElectraForPreTraining(ElectraConfig(**TINY))
+    dense.save_pretrained(tmp_path / "dense")
+    upcycled = upcycle_dense_to_moe(dense, ElectraMoEConfig(**TINY, num_experts=4, top_k=2))
+    with torch.no_grad():
+        upcycled.electra.encoder.layer[1].moe.experts.weight_in[3] += 1.0
+    upcycled.save_pretrained(tmp_path / "moe")
+    argv = ["--dense", str(tmp_path / "dense"), "--compare", str(tmp_path / "moe")]
+    assert expert_divergence.main(argv) == 0
+    lines = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    values = {int(cells[2]): (float(cells[4]), float(cells[5])) for cells in lines}
+    assert values[0] == (0.0, pytest.approx(0.0, abs=1e-6)) and values[1][0] > 0 and values[1][1] > 0
+    assert expert_divergence.main(["--dense", str(tmp_path), "--compare", str(tmp_path / "moe")]) == 2
+    assert "no *.safetensors" in capsys.readouterr().err
