@@ -32,7 +32,10 @@
 #   array indices     sbatch --array=0,3             (a subset of CONFIGS)
 # Variables this script reads:
 #   CONFIGS         "E:k[:ROUTER] ..." experts:active experts[:router type], one per array index (default
-#                   below); ROUTER is a --router_type (softmax_topk, noisy_topk, expert_choice)
+#                   below); ROUTER is a --router_type (softmax_topk, noisy_topk, expert_choice). An entry
+#                   from=DIR continues pretraining from a saved ElectraMoE model instead (its architecture
+#                   and tokenizer: --init_discriminator_from DIR --tokenizer_name DIR), e.g. a dense and an
+#                   upcycled convert_bert_checkpoint.py output: CONFIGS="from=out/dense from=out/moe8"
 #   CONDA_ENV       conda environment to activate when none is given as the first argument
 #   VENV            virtual environment directory to activate instead (e.g. $PWD/.venv)
 #   PYTHON          interpreter when nothing is activated (default: python3)
@@ -80,18 +83,26 @@ if (( index >= ${#configs[@]} )); then
         "submit with --array=0-$(( ${#configs[@]} - 1 ))"
 fi
 config=${configs[index]}
-[[ $config =~ ^([0-9]+):([0-9]+)(:([a-z_]+))?$ ]] || \
-    die "CONFIGS entry '$config' is not EXPERTS:ACTIVE[:ROUTER] (e.g. 8:2 or 8:2:expert_choice)"
-num_experts=${BASH_REMATCH[1]}
-top_k=${BASH_REMATCH[2]}
-router_type=${BASH_REMATCH[4]}
-router_args=()
-if [[ -n $router_type ]]; then
-    router_args=(--router_type "$router_type")
+if [[ $config =~ ^from=(.+)$ ]]; then
+    # Continued pretraining: the architecture and tokenizer are the saved model's (a later --tokenizer_name wins).
+    init_dir=${BASH_REMATCH[1]}
+    [[ -f $init_dir/config.json ]] || \
+        die "CONFIGS entry '$config': $init_dir/config.json not found (from= takes a saved ElectraMoE model folder)"
+    model_args=(--init_discriminator_from "$init_dir" --tokenizer_name "$init_dir")
+    described="continued from $init_dir"
+elif [[ $config =~ ^([0-9]+):([0-9]+)(:([a-z_]+))?$ ]]; then
+    model_args=(--num_experts "${BASH_REMATCH[1]}" --top_k "${BASH_REMATCH[2]}")
+    described="${BASH_REMATCH[1]} experts, top-${BASH_REMATCH[2]}"
+    if [[ -n ${BASH_REMATCH[4]} ]]; then
+        model_args+=(--router_type "${BASH_REMATCH[4]}")
+        described+=", ${BASH_REMATCH[4]}"
+    fi
+else
+    die "CONFIGS entry '$config' is not EXPERTS:ACTIVE[:ROUTER] (e.g. 8:2 or 8:2:expert_choice) or from=DIR"
 fi
 
 train_args=(
-    --num_experts "$num_experts" --top_k "$top_k" "${router_args[@]}"
+    "${model_args[@]}"
     --model_save_directory "${PRETRAIN_DIR:-outputs/pretrain}"
     --resume_from_checkpoint auto
     "${extra_args[@]}"
@@ -147,7 +158,7 @@ if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
     task_id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 fi
 echo "[$(date '+%F %T')] task $task_id (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname):" \
-    "config $index = $num_experts experts, top-$top_k${router_type:+, $router_type}; $num_nodes node(s) x" \
+    "config $index = $described; $num_nodes node(s) x" \
     "$nproc_per_node process(es)"
 printf '+'; printf ' %q' "${launch[@]}"; echo  # copy-pastable
 if [[ ${DRY_RUN:-0} == 1 ]]; then

@@ -29,6 +29,13 @@ NUM_PROCESSES = 2
 # A run that fails to average gradients, double-steps the schedule or trains another model drifts further.
 LOSS_REL_TOLERANCE = 0.03
 RUN_TIMEOUT_S = 300
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    f"--nproc_per_node={NUM_PROCESSES}",
+]
 TRAIN_ARGS = [
     "--model_size", "tiny", "--num_experts", "32", "--top_k", "1", "--expert_intermediate_size", "32",
     "--max_seq_length", "32", "--max_training_steps", str(NUM_STEPS), "--warmup_steps", "0",
@@ -37,9 +44,16 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def pretrain(tmp_path: Path, vocab_dir: Path, name: str, launcher: list[str], batch_size: int) -> Path:
+def pretrain(
+    tmp_path: Path,
+    vocab_dir: Path,
+    name: str,
+    launcher: list[str],
+    batch_size: int,
+    args: list[str] = TRAIN_ARGS,
+) -> Path:
     out = tmp_path / name
-    cmd = [*launcher, str(REPO_ROOT / "wikitext_trainer.py"), *TRAIN_ARGS, "--tokenizer_name", str(vocab_dir),
+    cmd = [*launcher, str(REPO_ROOT / "wikitext_trainer.py"), *args, "--tokenizer_name", str(vocab_dir),
            "--batch_size", str(batch_size), "--model_save_directory", str(out),
            "--model_save_name", "run"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -57,14 +71,7 @@ def read_metrics(run_dir: Path) -> dict[tuple[int, str], dict]:
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, vocab_dir):
     one = pretrain(tmp_path, vocab_dir, "one", [sys.executable], GLOBAL_BATCH)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={NUM_PROCESSES}",
-    ]
-    two = pretrain(tmp_path, vocab_dir, "two", torchrun, GLOBAL_BATCH // NUM_PROCESSES)
+    two = pretrain(tmp_path, vocab_dir, "two", TORCHRUN, GLOBAL_BATCH // NUM_PROCESSES)
 
     args_one = json.loads((one / "training_args.json").read_text())
     args_two = json.loads((two / "training_args.json").read_text())
@@ -81,3 +88,35 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, vo
     first_train = min(step for step, split in metrics_one if split == "train")
     for metrics in (metrics_one, metrics_two):
         assert metrics[(NUM_STEPS, "train")]["loss"] < metrics[(first_train, "train")]["loss"]
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_a_saved_moe_model_runs_data_parallel(tmp_path, vocab_dir):
+    """--init_discriminator_from under torchrun: both ranks start from the saved 32-expert encoder (its
+    architecture, not the flags') and train it as one data-parallel run that matches one process."""
+    from transformers import AutoTokenizer
+
+    from modeling_electra import ElectraMoEConfig, ElectraMoEModel
+    from modeling_electra_config import PRESETS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
+    config = ElectraMoEConfig(**PRESETS["tiny"], vocab_size=len(tokenizer), num_experts=32, top_k=1,
+                              expert_intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    saved = tmp_path / "saved"
+    ElectraMoEModel(config).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    architecture = {"--model_size", "--num_experts", "--top_k", "--expert_intermediate_size"}
+    train_args = [flag for i, flag in enumerate(TRAIN_ARGS)
+                  if flag not in architecture and TRAIN_ARGS[i - 1] not in architecture]  # fmt: skip
+    continued = [*train_args, "--init_discriminator_from", str(saved), "--learning_rate", "1e-3"]
+
+    one = pretrain(tmp_path, vocab_dir, "one", [sys.executable], GLOBAL_BATCH, continued)
+    two = pretrain(tmp_path, vocab_dir, "two", TORCHRUN, GLOBAL_BATCH // NUM_PROCESSES, continued)
+
+    assert json.loads((two / "training_args.json").read_text())["num_processes"] == NUM_PROCESSES
+    final = json.loads((two / "discriminator" / "config.json").read_text())
+    assert (final["num_experts"], final["top_k"], final["hidden_size"]) == (32, 1, 128)
+    metrics_one, metrics_two = read_metrics(one), read_metrics(two)
+    assert metrics_one.keys() == metrics_two.keys() and max(step for step, _ in metrics_two) == NUM_STEPS
+    for key, record in metrics_one.items():
+        assert metrics_two[key]["loss"] == pytest.approx(record["loss"], rel=LOSS_REL_TOLERANCE), key

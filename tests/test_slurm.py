@@ -120,8 +120,9 @@ def test_scripts_pass_bash_n_and_shellcheck(script, shell_tools):
 
 @pytest.mark.parametrize(
     ("configs", "index", "message"),
-    [("1:1 4:2", "2", "submit with --array=0-1"), ("8x2", "0", "'8x2' is not EXPERTS:ACTIVE")],
-)
+    [("1:1 4:2", "2", "submit with --array=0-1"), ("8x2", "0", "'8x2' is not EXPERTS:ACTIVE"),
+     ("1:1 from=/nonexistent", "1", "/nonexistent/config.json not found")],
+)  # fmt: skip
 def test_pretrainer_rejects_bad_configs(configs, index, message):
     env = {
         "CONFIGS": configs,
@@ -155,6 +156,36 @@ def test_pretrainer_default_array_has_eight_configurations_with_expert_choice_la
     for script in (PRETRAIN_SCRIPT, GLUE_SCRIPT, SLURM_ENV):  # no model size table copied into a script
         assert not re.search(r"hidden_size|intermediate_size|num_hidden_layers|\b(256|768|1024|3072)\b",
                              script.read_text()), script.name  # fmt: skip
+
+
+def test_pretrainer_continues_from_a_saved_model(tmp_path):
+    """CONFIGS entry from=DIR: --init_discriminator_from DIR with its tokenizer, and no architecture flags
+    (they would contradict the checkpoint); the entries beside it keep theirs."""
+    saved = tmp_path / "upcycled"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    env = {
+        "PYTHON": sys.executable,
+        "REPO_DIR": str(REPO_ROOT),
+        "DRY_RUN": "1",
+        "CONFIGS": f"1:1 from={saved}",
+    }
+    commands = []
+    for index in (0, 1):
+        done = run_script(
+            PRETRAIN_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": str(index)}, "--learning_rate", "1e-4"
+        )
+        assert done.returncode == 0, done.stderr
+        commands.append(done.stdout.splitlines()[-1].split()[3:])
+        assert (
+            f"config {index} = " + ("1 experts, top-1" if index == 0 else f"continued from {saved}")
+            in done.stdout
+        )
+    dense, continued = commands
+    assert dense[:4] == ["--num_experts", "1", "--top_k", "1"] and "--init_discriminator_from" not in dense
+    assert continued[:4] == ["--init_discriminator_from", str(saved), "--tokenizer_name", str(saved)]
+    assert not {"--num_experts", "--top_k", "--router_type"} & set(continued)
+    assert continued[-2:] == ["--learning_rate", "1e-4"]
 
 
 def test_glue_grid_is_models_by_tasks_by_seeds(tmp_path):
