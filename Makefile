@@ -43,7 +43,7 @@ upcycle-select: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle_select.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
 # Sparse upcycling with continued pretraining (#16): MiniLM dense / continued / upcycled 8x2 and expert choice,
-# continued for the same steps, fine-tuned with one recipe. ~2.5 h on 2 cores; rerunning continues (--resume).
+# continued for the same steps, fine-tuned with one recipe. ~2 h on 2 cores; rerunning continues (--resume).
 upcycle-study: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 

@@ -225,8 +225,7 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
             if name not in models:
                 raise ConfigError(f"'glue.{key}': '{name}' is not one of the study's models {models}")
     baseline = study["glue"].get("baseline")
-    fine_tuned = [*study["glue"].get("models", models)]
-    fine_tuned += [f"{name}_random_init" for name in study["glue"].get("random_init_baselines", [])]
+    fine_tuned = [label for label, _, _ in glue_runs(study["glue"], models)]
     if baseline is not None and baseline not in fine_tuned:
         raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
     if check_flag_names:
@@ -441,6 +440,13 @@ def pretrain_stages(
     return model_dirs
 
 
+def glue_runs(glue: dict, models: list[str]) -> list[tuple[str, str, bool]]:
+    """(label, model, random_init) of every fine-tuned model: `glue.models` (default: all of `models`), then
+    a random-init copy `<name>_random_init` of each `glue.random_init_baselines` model."""
+    runs = [(name, name, False) for name in glue.get("models", models)]
+    return runs + [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
+
+
 def glue_stages(
     study: dict, args: argparse.Namespace, data: tuple, output_dir: Path, model_dirs: dict
 ) -> Path:
@@ -457,9 +463,7 @@ def glue_stages(
         "overwrite_output_dir": True,
     }
     task_args = glue.get("task_args", {})
-    runs = [(name, name, False) for name in glue.get("models", model_dirs)]
-    runs += [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
-    for label, name, random_init in runs:
+    for label, name, random_init in glue_runs(glue, list(model_dirs)):
         model = {"model_name_or_path": str(model_dirs[name]), "model_name": label, "random_init": random_init}
         todo = {task: glue["seeds"] for task in tasks}
         if args.resume:
