@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig
 
+from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, holds_files
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
 from modeling_electra_config import add_hyperparameter_flags
 from outputs import write_atomically
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
-CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+BERT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_ZIP_NESTING = 2
 # The MoE settings an upcycled model takes from flags (norm_topk_prob is on by default here: --no_norm_topk_prob).
 MOE_FLAGS = ("num_experts", "top_k", "moe_layer_frequency", "router_type", "capacity_factor")
@@ -50,9 +50,9 @@ CONFIG_FIELDS = (
 def find_checkpoint_dir(root: Path) -> Path:
     """The folder under `root` holding config.json and the weights (zips often nest one level)."""
     for config_path in sorted(root.rglob("config.json")):
-        if any((config_path.parent / name).is_file() for name in CHECKPOINT_FILES):
+        if any((config_path.parent / name).is_file() for name in BERT_WEIGHT_FILES):
             return config_path.parent
-    raise FileNotFoundError(f"no config.json with {' or '.join(CHECKPOINT_FILES)} found under {root}")
+    raise FileNotFoundError(f"no config.json with {' or '.join(BERT_WEIGHT_FILES)} found under {root}")
 
 
 def extract_checkpoint(path: Path, scratch: Path) -> Path:
@@ -140,20 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.bert_path.exists():
         print(f"error: --bert_path {args.bert_path} does not exist", file=sys.stderr)
-        return 2
-    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite_output_dir:
+        return EXIT_BAD_INPUT
+    if holds_files(args.output_dir) and not args.overwrite_output_dir:
         print(
             f"error: {args.output_dir} is not empty; pass --overwrite_output_dir to replace it",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_BAD_INPUT
 
     with tempfile.TemporaryDirectory() as scratch:
         try:
             checkpoint_dir = extract_checkpoint(args.bert_path, Path(scratch))
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         model = convert_bert_to_electra(checkpoint_dir)
         if args.num_experts > 1:
             moe_config = ElectraMoEConfig(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from input_checks import InputError
+from input_checks import TOKENIZER_FILES, InputError
 
 
 def init_flags_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -87,7 +87,7 @@ def check_init_vocabulary(args: argparse.Namespace, tokenizer: Any, configs: tup
                 f"{flag} {path} has a vocabulary of {config.vocab_size} tokens, the tokenizer "
                 f"{len(tokenizer)}: {fix}"
             )
-        has_tokenizer = any((Path(path) / name).is_file() for name in ("vocab.txt", "tokenizer.json"))
+        has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
         if has_tokenizer and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
             raise InputError(
                 f"{flag} {path} saved a tokenizer whose vocabulary differs from this run's: {fix}"

@@ -287,6 +287,15 @@ def add_hyperparameter_flags(group: Any, names: tuple[str, ...], help: dict[str,
         group.add_argument(f"--{name}", **kwargs)
 
 
+def config_kwargs(config: Any, also_drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config's fields as keyword arguments for another config: without what `to_dict` records about the
+    saved file (model type, transformers version, architectures) and the keys in `also_drop`."""
+    kwargs = copy.deepcopy(config.to_dict())
+    for key in ("model_type", "transformers_version", "architectures", *also_drop):
+        kwargs.pop(key, None)
+    return kwargs
+
+
 def make_generator_config(
     disc_config: ElectraMoEConfig, generator_size: float | None = None, generator_moe: bool = False
 ) -> ElectraMoEConfig:
@@ -299,16 +308,7 @@ def make_generator_config(
         generator_size = GENERATOR_SIZE_BY_PRESET.get(disc_config.model_size, 1 / 4)
     if not 0 < generator_size <= 1:
         raise ValueError(f"generator_size must be in (0, 1], got {generator_size!r}")
-    kwargs = copy.deepcopy(disc_config.to_dict())
-    for key in (
-        "model_type",
-        "transformers_version",
-        "architectures",
-        "problem_type",
-        "id2label",
-        "label2id",
-    ):
-        kwargs.pop(key, None)
+    kwargs = config_kwargs(disc_config, also_drop=("problem_type", "id2label", "label2id"))
     heads = max(1, round(disc_config.num_attention_heads * generator_size))
     hidden = max(heads, round(disc_config.hidden_size * generator_size))
     hidden -= hidden % heads

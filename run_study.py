@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
 NOTEBOOK = REPO_ROOT / "glue_evaluation_results_visualizer.ipynb"
@@ -421,7 +423,7 @@ def pretrain_stages(
     model_root, model_dirs = output_dir / "pretrain", {}
     for name, model_options in pretrain["models"].items():
         model_dirs[name] = model_root / name
-        if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+        if args.resume and finished_run_model(model_root / name):
             print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
             continue
         options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
@@ -508,7 +510,7 @@ def check_study_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path
             f"BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)"
         )
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
-    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
+    if holds_files(output_dir) and not (args.overwrite_output_dir or args.resume):
         raise ConfigError(
             f"{output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir"
         )
@@ -521,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         study, bert_path, output_dir, data = check_study_inputs(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:

@@ -84,7 +84,7 @@ EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 # The modules that log for this script, each under its own name (the log format shows it).
-LIBRARY_LOGGERS = ("pretrain_data", "pretrain_models", "run_state")
+LIBRARY_LOGGERS = ("pretrain_data", "pretrain_models", "run_state", "outputs")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -47,6 +47,7 @@ from bench.bench_moe import (  # noqa: E402
     parse_common_args,
     synchronize,
 )
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table, write_json_atomically  # noqa: E402
 
 METHODS = ("dense", "per_expert", "bmm")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = config_grid(args)
     if configs is None:
-        return 2
+        return EXIT_BAD_INPUT
     for shape, num_experts, top_k in configs:
         if (shape.tokens * top_k) % num_experts:
             print(
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slices; choose --tokens accordingly",
                 file=sys.stderr,
             )
-            return 2
+            return EXIT_BAD_INPUT
 
     started = time.perf_counter()
     rows = [bench_config(shape, e, k, args, device, dtype) for shape, e, k in tqdm(configs, desc="configs")]

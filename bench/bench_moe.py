@@ -62,6 +62,7 @@ from transformers.models.electra.modeling_electra import ElectraIntermediate, El
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from modeling_electra import ElectraMoEBlock, ElectraMoEConfig  # noqa: E402
 from modeling_electra_config import PRESETS  # noqa: E402
 from outputs import render_table, write_json_atomically  # noqa: E402
@@ -794,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = config_grid(args)
     if configs is None:
-        return 2
+        return EXIT_BAD_INPUT
 
     started = time.perf_counter()
     rows = []

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table  # noqa: E402
 
 DENSE_SUFFIX = "intermediate.dense.weight"  # (intermediate, hidden), nn.Linear's layout
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": str(model_dir), **row})
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(render_table(pd.DataFrame(rows), floatfmt=".2e"))
     return 0
 
