@@ -548,7 +548,7 @@ def routed_tokens_per_expert(
     return torch.bincount(top_ids.reshape(-1), minlength=num_experts).tolist()
 
 
-def bench_config(
+def bench_layer_config(
     shape: Shape,
     num_experts: int,
     top_k: int,
@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = []
     for shape, num_experts, top_k in tqdm(configs, desc="configs"):
-        rows.append(bench_config(shape, num_experts, top_k, args, device, dtype))
+        rows.append(bench_layer_config(shape, num_experts, top_k, args, device, dtype))
     payload = dict(
         benchmark="bench_moe",
         command="python bench/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -212,7 +212,7 @@ def rtd_step_flops(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer():
+def load_bench_tokenizer():
     """ELECTRA's vocabulary from ../shared/data, or just its special-token ids (all the step needs)."""
     if (ELECTRA_VOCAB / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -376,7 +376,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device, save=None) -> tu
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    tokenizer = load_tokenizer()
+    tokenizer = load_bench_tokenizer()
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     rows, errors = [], []
     for size in args.sizes:

@@ -232,7 +232,7 @@ def summarize_bench(name: str, payload: dict) -> dict:
     return {"rows": rows}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_run_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [record for _, record in read_jsonl(path)] if path.is_file() else []
 
@@ -259,7 +259,7 @@ def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool)
     signal_at = DRY_SIGNAL_AT_STEP if dry else GPU_SIGNAL_AT_STEP
     signalled_at = None
     while proc.poll() is None and time.monotonic() < until:
-        steps = [r["step"] for r in read_metrics(run_dir)]
+        steps = [r["step"] for r in read_run_metrics(run_dir)]
         if steps and (max(steps) >= signal_at or time.monotonic() > latest_signal):
             signalled_at = max(steps)
             proc.send_signal(signal.SIGUSR1)
@@ -276,7 +276,7 @@ def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool)
     command = [check.python, "wikitext_trainer.py", *flags({**options, "resume_from_checkpoint": "auto"})]
     second = check.run(command, "pretrain (resume)", until)
     resumed = RESUMED.findall(Path(check.log.name).read_bytes()[log_start:].decode(errors="replace"))
-    records = read_metrics(run_dir)
+    records = read_run_metrics(run_dir)
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") != "train"]
     final_step = max((r["step"] for r in records), default=None)
