@@ -78,7 +78,7 @@ EXPERT_CHOICE = "expert_choice"
 EXIT_PROBLEMS = 1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MODEL",
         help="also report every model's paired difference to this model over the seeds both ran",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"results_dir {args.results_dir} is not a directory")

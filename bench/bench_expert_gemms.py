@@ -54,7 +54,7 @@ GEMM_METHODS = ("dense", "per_expert", "bmm")
 KINDS = ("up", "down", "grad_hidden", "grad_w_out", "grad_w_in", "grad_input")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -63,7 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_expert_gemms_<device>.json)"
     )
-    return parse_common_args(parser, argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_common_args(build_argument_parser(), argv)
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:

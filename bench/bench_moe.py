@@ -171,7 +171,7 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     return args
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -183,6 +183,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_moe_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     if DENSE not in args.methods:
         parser.error("--methods must include dense (every ratio is relative to it)")

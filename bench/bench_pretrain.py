@@ -90,7 +90,7 @@ CONFIG_HELP = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     for flag in ("batch_size", "max_seq_length", "peak_tflops"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:

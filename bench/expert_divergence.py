@@ -76,7 +76,7 @@ def divergence(dense: dict[int, torch.Tensor], model: dict[int, torch.Tensor]) -
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -84,7 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dense", type=Path, required=True, help="the dense model the experts were copied from"
     )
     parser.add_argument("--compare", type=Path, nargs="+", required=True, help="saved models, dense or MoE")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -376,7 +376,7 @@ def default_data() -> str:
     return "demo"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -388,7 +388,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S, help="all steps together")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
