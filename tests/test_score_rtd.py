@@ -1,0 +1,127 @@
+"""score_rtd.py: one fixed RTD evaluation set, built once from a reference run; any discriminator scored on it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForPreTraining
+
+import score_rtd
+import wikitext_trainer as wt
+from pretrain_utils import trainer_argv
+from rtd import max_predictions_per_seq
+from upcycling import upcycle_dense_to_moe
+
+SHORT_STEPS, LONG_STEPS = 1, 40
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, vocab_dir):
+    """Two tiny pretraining runs on the fixture corpus: 1 step and 40 steps (same data, seed, recipe)."""
+    root = tmp_path_factory.mktemp("score_rtd")
+    for name, steps in (("short", SHORT_STEPS), ("long", LONG_STEPS)):
+        flags = ["--max_training_steps", str(steps), "--learning_rate", "1e-3", "--eval_steps", "1000"]
+        flags += ["--save_steps", "1000", "--logging_steps", "1000"]
+        assert wt.main(trainer_argv(root, vocab_dir, *flags, name=name, cache=root / "cache")) == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="session")
+def eval_set(runs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval_set") / "rtd_eval.npz"
+    assert score_rtd.main(["--eval_set", str(path), "--reference_run", str(runs / "long")]) == 0
+    return path
+
+
+def score(eval_set, output, *models):
+    argv = ["--eval_set", str(eval_set), "--discriminators", *map(str, models), "--output", str(output)]
+    assert score_rtd.main(argv) == 0
+    return {record["model"]: record for record in json.loads(output.read_text())["models"]}
+
+
+def test_eval_set_holds_both_corruptions_on_the_same_positions(eval_set, tokenizer):
+    arrays, meta = score_rtd.load_eval_set(eval_set)
+    ids, chosen = arrays["input_ids"], arrays["chosen"]
+    real = ids != tokenizer.pad_token_id
+    assert meta["examples"] == len(ids) and meta["pad_token_id"] == tokenizer.pad_token_id
+    assert meta["vocabulary"] == score_rtd.vocabulary_fingerprint(tokenizer)
+    never = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id]
+    assert not (chosen & ~real).any() and not np.isin(ids[chosen], never).any()
+    # ELECTRA's count per sequence: round(15% of the real tokens), at least 1, at most its cap.
+    expected = np.clip(np.round(real.sum(1) * 0.15), 1, max_predictions_per_seq(ids.shape[1]))
+    assert (chosen.sum(1) == expected).all()
+    for kind in score_rtd.CORRUPTIONS:
+        corrupted, replaced = arrays[f"{kind}_input_ids"], arrays[f"{kind}_replaced"]
+        assert (corrupted[~chosen] == ids[~chosen]).all()
+        assert (replaced == (corrupted != ids)).all() and not (replaced & ~chosen).any()
+    assert not np.isin(arrays["uniform_input_ids"][chosen], tokenizer.all_special_ids).any()
+    assert arrays["uniform_replaced"][chosen].mean() > 0.9  # a uniform draw rarely hits the original
+    assert not np.array_equal(arrays["generator_input_ids"], arrays["uniform_input_ids"])
+
+
+def test_same_model_scores_the_same_and_longer_training_scores_better(eval_set, runs, tmp_path):
+    before = eval_set.read_bytes()
+    first = score(eval_set, tmp_path / "a.json", runs / "short", runs / "long")
+    again = score(eval_set, tmp_path / "b.json", runs / "long" / "discriminator")
+    assert eval_set.read_bytes() == before, "an existing evaluation set is reused, never rebuilt"
+    assert again[str(runs / "long" / "discriminator")]["generator"] == first[str(runs / "long")]["generator"]
+    short, long = first[str(runs / "short")], first[str(runs / "long")]
+    for kind in score_rtd.CORRUPTIONS:
+        assert long[kind]["rtd_loss"] < short[kind]["rtd_loss"] - 0.02, kind
+        assert long[kind]["auc"] > short[kind]["auc"] + 0.1, kind
+        assert long[kind]["accuracy"] > short[kind]["accuracy"], kind
+    rows = (tmp_path / "a.csv").read_text().splitlines()
+    assert rows[0].startswith("model,corruption,rtd_loss,accuracy,auc") and len(rows) == 1 + 2 * 2
+
+
+def test_moe_discriminator_gets_router_and_spread_per_layer(eval_set, runs, tmp_path):
+    dense = AutoModelForPreTraining.from_pretrained(runs / "long" / "discriminator")
+    config = dense.config.to_dict() | {"num_experts": 4, "top_k": 2, "norm_topk_prob": True}
+    config = type(dense.config)(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
+    for method in ("copy", "drop"):
+        upcycle_dense_to_moe(dense, config, method=method, seed=1).save_pretrained(tmp_path / method)
+    scores = score(eval_set, tmp_path / "moe.json", runs / "long", tmp_path / "copy", tmp_path / "drop")
+    copy, drop = scores[str(tmp_path / "copy")], scores[str(tmp_path / "drop")]
+    assert copy["expert_spread"] == [0.0, 0.0] and min(drop["expert_spread"]) > 0.3
+    assert copy["upcycling"]["method"] == "copy" and drop["upcycling"]["method"] == "drop"
+    for kind in score_rtd.CORRUPTIONS:
+        # Copies with renormalised gates compute the dense function on real tokens.
+        assert copy[kind]["rtd_loss"] == pytest.approx(scores[str(runs / "long")][kind]["rtd_loss"], abs=1e-5)
+        assert len(copy[kind]["router_entropy"]) == 2
+        assert 0 < min(copy[kind]["router_entropy"]) <= max(copy[kind]["router_entropy"]) <= np.log(4) + 1e-6
+        loads = np.array(copy[kind]["expert_load"])
+        assert loads.shape == (2, 4) and np.allclose(loads.sum(1), 1.0, atol=1e-5)
+    assert "router_entropy" not in scores[str(runs / "long")]["generator"]
+
+
+def test_detection_scores_known_answers():
+    logits = np.array([2.0, -1.0, 0.5, -3.0, 1.0], dtype=np.float32)
+    labels = np.array([1, 0, 0, 1, 1])
+    scores = score_rtd.detection_scores(logits, labels)
+    # predicted replaced: 0, 2, 4; actual: 0, 3, 4 -> tp 2, precision 2/3, recall 2/3.
+    assert scores["accuracy"] == pytest.approx(3 / 5) and scores["f1"] == pytest.approx(2 / 3)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    # Pairs (replaced, original) ranked right: (2.0 > -1, 0.5), (-3 < both), (1.0 > both) -> 4 of 6.
+    assert scores["auc"] == pytest.approx(4 / 6)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(logits), torch.from_numpy(labels).float()
+    )
+    assert scores["rtd_loss"] == pytest.approx(expected.item())
+
+
+def test_bad_inputs_exit_2_and_write_nothing(eval_set, runs, tmp_path, capsys):
+    missing = tmp_path / "new.npz"
+    assert score_rtd.main(["--eval_set", str(missing)]) == 2
+    assert "--reference_run" in capsys.readouterr().err and not missing.exists()
+    assert score_rtd.main(["--eval_set", str(missing), "--reference_run", str(tmp_path)]) == 2
+    assert "training_args.json" in capsys.readouterr().err and not missing.exists()
+    out = tmp_path / "scores.json"
+    argv = ["--eval_set", str(eval_set), "--discriminators", str(runs / "long"), str(tmp_path), "--output"]
+    assert score_rtd.main([*argv, str(out)]) == 2
+    assert "error: --discriminators" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "bogus.npz").write_text("not numpy")
+    assert score_rtd.main(["--eval_set", str(tmp_path / "bogus.npz")]) == 2
+    assert "not an evaluation set" in capsys.readouterr().err
