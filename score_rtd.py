@@ -129,18 +129,27 @@ def save_eval_set(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
     write_atomically(path, write)
 
 
-def load_eval_set(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_eval_set(path: Path, flag: str = "--eval_set") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
         with np.load(path) as saved:
             arrays = {name: saved[name] for name in saved.files}
     except (OSError, ValueError) as error:
         raise InputError(
-            f"--eval_set {path} is not an evaluation set written by score_rtd.py ({error})"
+            f"{flag} {path} is not an evaluation set written by score_rtd.py ({error})"
         ) from None
     meta = json.loads(str(arrays.pop("meta", "{}")))
     if meta.get("version") != EVAL_SET_VERSION:
-        raise InputError(f"--eval_set {path} has version {meta.get('version')}, expected {EVAL_SET_VERSION}")
+        raise InputError(f"{flag} {path} has version {meta.get('version')}, expected {EVAL_SET_VERSION}")
     return arrays, meta
+
+
+def check_fixed_eval_set(path: str, tokenizer: Any) -> None:
+    """wikitext_trainer.py --fixed_eval_set: the set must exist and use the run's vocabulary."""
+    if not Path(path).is_file():
+        raise InputError(f"--fixed_eval_set {path} does not exist; build it with score_rtd.py --eval_set")
+    _, meta = load_eval_set(Path(path), "--fixed_eval_set")
+    if meta["vocabulary"] != vocabulary_fingerprint(tokenizer):
+        raise InputError(f"--fixed_eval_set {path} was built with another vocabulary than --tokenizer_name's")
 
 
 def make_eval_set(args: argparse.Namespace) -> None:
@@ -295,9 +304,9 @@ def discriminator_dir(path: Path) -> Path:
     raise InputError(f"--discriminators {path} is neither a saved model nor a run folder with discriminator/")
 
 
-def score_fixed_eval_set(model: Any, path: Path, batch_size: int) -> dict[str, Any]:
+def score_fixed_eval_set(model: Any, path: str, batch_size: int) -> dict[str, Any]:
     """What wikitext_trainer.py --fixed_eval_set logs at each evaluation: `fixed_<corruption>_<score>`."""
-    arrays, meta = load_eval_set(path)
+    arrays, meta = load_eval_set(Path(path), "--fixed_eval_set")
     scores = score_discriminator(model, arrays, meta["pad_token_id"], batch_size)
     return {f"fixed_{name}": value for name, value in flat_scores(scores).items()}
 

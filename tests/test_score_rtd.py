@@ -9,7 +9,7 @@ from transformers import AutoModelForPreTraining
 
 import score_rtd
 import wikitext_trainer as wt
-from pretrain_utils import trainer_argv
+from pretrain_utils import read_metrics, trainer_argv
 from rtd import max_predictions_per_seq
 from upcycling import upcycle_dense_to_moe
 
@@ -125,3 +125,24 @@ def test_bad_inputs_exit_2_and_write_nothing(eval_set, runs, tmp_path, capsys):
     (tmp_path / "bogus.npz").write_text("not numpy")
     assert score_rtd.main(["--eval_set", str(tmp_path / "bogus.npz")]) == 2
     assert "not an evaluation set" in capsys.readouterr().err
+
+
+def test_trainer_scores_the_fixed_set_at_every_evaluation(eval_set, runs, vocab_dir, tmp_path, capsys):
+    """wikitext_trainer.py --fixed_eval_set logs fixed_* metrics; at the last step they are score_rtd.py's."""
+    flags = ["--max_training_steps", "4", "--eval_steps", "2", "--fixed_eval_set", str(eval_set)]
+    cache = runs.parent / "cache"
+    assert wt.main(trainer_argv(tmp_path, vocab_dir, *flags, name="fixed", cache=cache)) == 0
+    run_dir = tmp_path / "out" / "fixed"
+    validation = read_metrics(run_dir, "validation")
+    assert [r["step"] for r in validation] == [2, 4]
+    assert validation[0]["fixed_generator_auc"] != validation[1]["fixed_generator_auc"]
+    final = score(eval_set, tmp_path / "final.json", run_dir)[str(run_dir)]
+    for kind in score_rtd.CORRUPTIONS:
+        for name in ("rtd_loss", "auc", "f1"):
+            assert validation[1][f"fixed_{kind}_{name}"] == pytest.approx(final[kind][name], abs=1e-6)
+    bad = trainer_argv(
+        tmp_path, vocab_dir, "--fixed_eval_set", str(tmp_path / "no.npz"), name="x", cache=cache
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        wt.main(bad)
+    assert exit_info.value.code == 2 and "--fixed_eval_set" in capsys.readouterr().err
