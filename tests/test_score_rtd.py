@@ -3,9 +3,10 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForPreTraining
+from transformers import AutoModelForPreTraining, AutoTokenizer
 
 import score_rtd
 import wikitext_trainer as wt
@@ -146,3 +147,83 @@ def test_trainer_scores_the_fixed_set_at_every_evaluation(eval_set, runs, vocab_
     with pytest.raises(SystemExit) as exit_info:
         wt.main(bad)
     assert exit_info.value.code == 2 and "--fixed_eval_set" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/expert_tokens.py: what each expert sees, on the evaluation set's original text
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_expert_statistics_known_answers():
+    from bench import expert_tokens
+
+    vocab = ["[CLS]", "the", ",", "7"]
+    kinds = {
+        "frequent": np.array([0, 1, 0, 0], bool), "rare": np.array([0, 0, 0, 1], bool),
+        "punctuation": np.array([0, 0, 1, 0], bool), "number": np.array([0, 0, 0, 1], bool),
+        "cls": np.array([1, 0, 0, 0], bool), "sep": np.zeros(4, bool),
+    }  # fmt: skip
+    tokens = np.array([0, 1, 1, 1, 1, 1, 2, 3])  # top-1: expert 1 takes the punctuation and the number
+    experts = np.array([0, 0, 0, 0, 0, 0, 1, 1])[:, None]
+    rows = expert_tokens.expert_statistics(tokens, experts, 2, kinds, vocab)
+    assert [r["token_share"] for r in rows] == [0.75, 0.25]
+    assert rows[1]["share_punctuation"] == 0.5 and rows[1]["corpus_punctuation"] == 1 / 8
+    assert rows[1]["lift_punctuation"] == 4.0 and rows[0]["lift_punctuation"] == 0.0
+    assert rows[0]["lift_frequent"] == pytest.approx((5 / 6) / (5 / 8))
+    assert rows[0]["top_tokens"].split()[0] == "the" and rows[0]["distinctive_tokens"] == "the"
+
+
+def test_token_kinds_split_the_text_by_frequency(tokenizer):
+    from bench import expert_tokens
+
+    the, cat, comma, seven = tokenizer.convert_tokens_to_ids(["the", "cat", ",", "7"])
+    text = np.array([the] * 10 + [cat] * 8 + [comma] + [seven] + [tokenizer.cls_token_id] * 20)
+    kinds = expert_tokens.token_kinds(tokenizer, text)
+    assert (
+        kinds["frequent"][the]
+        and not kinds["frequent"][cat]
+        and not kinds["frequent"][tokenizer.cls_token_id]
+    )
+    assert kinds["rare"][seven] and not kinds["rare"][the]  # the last 10% of the 20 non-special tokens
+    assert kinds["punctuation"][comma] and kinds["number"][seven] and kinds["cls"][tokenizer.cls_token_id]
+
+
+def test_expert_tokens_on_a_drop_upcycled_model(eval_set, runs, tmp_path, capsys):
+    from bench import expert_tokens
+
+    dense = AutoModelForPreTraining.from_pretrained(runs / "long" / "discriminator")
+    config = dense.config.to_dict() | {"num_experts": 4, "top_k": 2}
+    config = type(dense.config)(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
+    model = upcycle_dense_to_moe(dense, config, method="drop", seed=2)
+    model.save_pretrained(tmp_path / "moe")
+    AutoTokenizer.from_pretrained(runs / "long" / "discriminator").save_pretrained(tmp_path / "moe")
+    out = tmp_path / "tokens.csv"
+    assert (
+        expert_tokens.main(
+            ["--eval_set", str(eval_set), "--models", str(tmp_path / "moe"), "--output", str(out)]
+        )
+        == 0
+    )
+    table = pd.read_csv(out)
+    assert sorted(table["layer"].unique()) == [0, 1] and len(table) == 2 * 4
+    # The token shares are the expert load the model reports on the same text.
+    arrays, _ = score_rtd.load_eval_set(eval_set)
+    ids = torch.as_tensor(arrays["input_ids"], dtype=torch.long)
+    real = ids != 0
+    with torch.no_grad():
+        load = model.eval()(
+            ids, attention_mask=real.long(), token_type_ids=torch.as_tensor(arrays["token_type_ids"]).long()
+        ).expert_load
+    for layer in (0, 1):
+        shares = table[table["layer"] == layer].sort_values("expert")["token_share"].to_numpy()
+        np.testing.assert_allclose(shares, load[layer].numpy(), atol=1e-6)
+    assert (table["corpus_cls"] > 0).all() and table["top_tokens"].notna().all()
+    assert (
+        expert_tokens.main(
+            ["--eval_set", str(eval_set), "--models", str(runs / "long"), "--output", str(out)]
+        )
+        == 2
+    )
+    assert "dense" in capsys.readouterr().err
