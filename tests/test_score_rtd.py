@@ -1,6 +1,7 @@
 """score_rtd.py: one fixed RTD evaluation set, built once from a reference run; any discriminator scored on it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,3 +228,41 @@ def test_expert_tokens_on_a_drop_upcycled_model(eval_set, runs, tmp_path, capsys
         == 2
     )
     assert "dense" in capsys.readouterr().err
+
+
+def test_notebook_cell_draws_the_expert_token_heatmaps(eval_set, runs, tmp_path):
+    """The notebook's expert-token cell, run on bench/expert_tokens.py's CSV (the whole notebook runs in
+    tests/test_notebook.py, without the CSV)."""
+    import matplotlib
+    import nbformat
+
+    import run_study
+    from bench import expert_tokens
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = AutoModelForPreTraining.from_pretrained(runs / "long" / "discriminator")
+    config = dense.config.to_dict() | {"num_experts": 4, "top_k": 2}
+    config = type(dense.config)(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
+    upcycle_dense_to_moe(dense, config, method="drop", seed=3).save_pretrained(tmp_path / "run" / "moe")
+    AutoTokenizer.from_pretrained(runs / "long" / "discriminator").save_pretrained(tmp_path / "run" / "moe")
+    csv = tmp_path / "tokens.csv"
+    argv = ["--eval_set", str(eval_set), "--models", str(tmp_path / "run" / "moe"), "--output", str(csv)]
+    assert expert_tokens.main(argv) == 0
+    notebook = nbformat.read(run_study.NOTEBOOK, as_version=4)
+    (cell,) = [c for c in notebook.cells if c.source.startswith("if EXPERT_TOKENS_CSV is None")]
+    figures = []
+    namespace = {"EXPERT_TOKENS_CSV": str(csv), "EXPERT_TOKENS_KIND": "frequent", "pd": pd, "np": np}
+    namespace |= {"plt": plt, "Path": Path, "save": lambda fig, name: figures.append((fig, name))}
+    exec(cell.source, namespace)
+    ((fig, name),) = figures
+    assert name == "expert_tokens_run_moe"
+    share, lift = (ax.images[0].get_array() for ax in fig.axes[:2])
+    table = pd.read_csv(csv)
+    assert share.shape == (2, 4) and np.allclose(share.sum(1), 1.0)
+    expected = np.log2(table.sort_values(["layer", "expert"])["lift_frequent"].clip(1 / 8, 8).to_numpy())
+    np.testing.assert_allclose(np.asarray(lift).reshape(-1), expected)
+    plt.close(fig)
