@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DATA ?= demo
 HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo mini-study transfer upcycle-select upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
+.PHONY: install test lint demo mini-study transfer upcycle-select upcycle-study drop-upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ upcycle-select: install $(MINILM_WHEEL)
 # continued for the same steps, fine-tuned with one recipe. ~2 h on 2 cores; rerunning continues (--resume).
 upcycle-study: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+
+# Drop-Upcycling vs naive upcycling vs dense (#26): MiniLM continued 150 RTD steps x 3 paired seeds, every arm
+# scored every 15 steps on one fixed RTD set (score_rtd.py); then the curves, paired differences and what the
+# experts learned. Estimated ~2.3 h on 2 idle cores (CPU time of a timed sample, see the config); not run yet.
+# Rerunning continues (--resume).
+DROP_STUDY := outputs/drop_upcycle
+drop-upcycle-study: install $(MINILM_WHEEL)
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/drop_upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(PY) bench/fixed_eval_report.py --study_dir $(DROP_STUDY) --baseline dense
+	$(PY) bench/expert_tokens.py --eval_set $(DROP_STUDY)/fixed_eval/rtd_eval.npz \
+		--models $(DROP_STUDY)/pretrain/copy-cont-s* $(DROP_STUDY)/pretrain/drop-cont-s* \
+		--output $(DROP_STUDY)/fixed_eval/expert_tokens.csv
+	$(PY) bench/expert_divergence.py --dense $(DROP_STUDY)/converted/minilm-dense \
+		--compare $(DROP_STUDY)/pretrain/*-cont-s*/discriminator
 
 # The GPU kit (docs/gpu.md). The lent GPU machine is offline, runs Python 3.12 with torch, transformers 5.17,
 # tokenizers, huggingface_hub, pyarrow, xxhash and pandas, and has no datasets: carry the project's pins of

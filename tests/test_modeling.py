@@ -24,9 +24,9 @@ from modeling_electra import (
     ElectraMoEForPreTraining,
     ElectraMoEForSequenceClassification,
     ElectraMoEModel,
-    upcycle_dense_to_moe,
 )
 from modeling_electra_config import PRESETS, make_generator_config, preset_name
+from upcycling import upcycle_dense_to_moe
 
 TINY = dict(
     vocab_size=120,

@@ -13,8 +13,9 @@ import run_state
 import wikitext_trainer as wt
 from conftest import write_vocab_dir
 from input_checks import EXIT_BAD_INPUT
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
 from pretrain_utils import assert_same_weights, final_weights, read_metrics, trainer_argv
+from upcycling import upcycle_dense_to_moe
 
 # trainer_argv's tiny-model flags describe a fresh model; a continued run takes its shape from the checkpoint.
 SIZE_FLAGS = {"--model_size", "--hidden_size", "--num_hidden_layers", "--num_attention_heads",
