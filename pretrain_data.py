@@ -403,6 +403,8 @@ def build_split(
 ) -> tuple[Any, dict[str, Any]]:
     """One split's examples (count columns dropped) and its data_stats.json entry; logs the kept fraction."""
     start = time.perf_counter()
+    scratch = scratch / split  # the splits' intermediate Arrow files must not share names
+    scratch.mkdir()
     documents, document_format = split_documents(*raw, source, split, scratch)
     examples = build_blocks(
         documents,
@@ -413,13 +415,15 @@ def build_split(
         scratch,
     )
     stats = split_statistics(examples, document_format, time.perf_counter() - start)
+    if args.example_format == "packed":
+        stats["sentences"] = None  # packed blocks cut the document stream; no sentences
     if stats["examples"] == 0:
         raise InputError(
             f"the {split} corpus is smaller than one block of --max_seq_length {args.max_seq_length} "
             "tokens; give more text or a smaller --max_seq_length"
         )
     logger.info(
-        "%s: %d documents, %d sentences, %d tokens -> %d %s examples keeping %.1f%% of the tokens (%.1f s)",
+        "%s: %d documents, %s sentences, %d tokens -> %d %s examples keeping %.1f%% of the tokens (%.1f s)",
         split,
         stats["documents"],
         stats["sentences"],
