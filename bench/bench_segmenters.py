@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain_data import ARTICLE_HEADING, SUBHEADING, clean_wikitext  # noqa: E402
+from pretrain_documents import ARTICLE_HEADING, SUBHEADING, clean_wikitext  # noqa: E402
 
 
 def candidates() -> dict[str, object]:
