@@ -197,7 +197,7 @@ def tokenize_into_blocks(batch: dict[str, list[str]], tokenizer: Any, max_seq_le
     batch's counts ride on its first block (a batch too short for one block is not counted).
     """
     encoded = tokenizer(
-        batch["text"],
+        [text or "" for text in batch["text"]],  # a null record is an empty document
         add_special_tokens=False,
         return_attention_mask=False,
         return_token_type_ids=False,

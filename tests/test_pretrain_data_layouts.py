@@ -95,13 +95,14 @@ def test_packed_blocks_are_unchanged_and_report_their_kept_fraction(tmp_path, to
     assert stats["tokens_in_examples"] == body and 0.5 < stats["kept_fraction"] < 1.0
 
 
-def test_several_files_and_globs_make_one_split(tmp_path, tokenizer):
+@pytest.mark.parametrize("example_format", ["electra", "packed"])
+def test_several_files_and_globs_make_one_split(tmp_path, tokenizer, example_format):
     for part in range(3):
-        (tmp_path / f"part{part}.jsonl").write_text(
-            "".join(json.dumps({"text": doc}) + "\n" for doc in DOCUMENTS * 4)
-        )
+        records = [{"text": doc} for doc in DOCUMENTS * 4] + [{"text": None}, {"text": " "}]  # not documents
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     argv = trainer_argv(tmp_path, tmp_path, "--train_file", str(tmp_path / "part*.jsonl"))
     argv += ["--validation_file", str(tmp_path / "part0.jsonl"), str(tmp_path / "part1.jsonl")]
+    argv += ["--example_format", example_format]
     args = wt.parse_args(argv)
     assert args.train_file == [str(tmp_path / f"part{part}.jsonl") for part in range(3)]
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
