@@ -63,6 +63,45 @@ def build_corpus(scale: int, work_dir: Path) -> Path:
     return path
 
 
+class PeakMemory:
+    """Samples every process of a tree (a root and its children) every `interval` s: the largest resident
+    set (RSS) and the largest anonymous part of it (RSS minus file-backed and shared pages: what the process
+    itself holds, as opposed to the page cache of memory-mapped files it reads), in MiB, over all processes."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        import threading
+
+        import psutil  # installed with accelerate
+
+        self.root, self.interval = psutil.Process(pid), interval
+        self.rss = self.anon = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        import psutil
+
+        while not self.stopped.is_set():
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for process in processes:
+                try:
+                    info = process.memory_info()
+                except psutil.Error:
+                    continue
+                self.rss = max(self.rss, info.rss >> 20)
+                self.anon = max(self.anon, (info.rss - info.shared) >> 20)
+            self.stopped.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.stopped.set()
+        self.thread.join()
+        return {"peak_rss_mib": self.rss, "peak_anon_rss_mib": self.anon}
+
+
 def trainer_flags(corpus: Path, cache: Path, workers: int) -> list[str]:
     return ["--train_file", str(corpus), "--tokenizer_name", str(VOCAB), "--data_cache_dir", str(cache),
             "--preprocessing_num_workers", str(workers), *TINY]  # fmt: skip
@@ -74,6 +113,7 @@ def prepare(argv: list[str]) -> dict:
     from pretrain_data import describe_data_source, load_tokenizer, prepare_blocks
 
     args = wt.parse_args(argv)
+    memory = PeakMemory(os.getpid())
     start = time.perf_counter()
     source = describe_data_source(args)
     blocks = prepare_blocks(args, load_tokenizer(args, source), source)
@@ -86,8 +126,9 @@ def prepare(argv: list[str]) -> dict:
         "tokens_per_second": round(stats["tokens"] / stats["preprocessing_seconds"]),
         "kept_fraction": stats["kept_fraction"],
         "examples": stats["examples"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-        "peak_rss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "maxrss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+        **memory.stop(),  # sampled: the largest RSS and anonymous RSS of this process or a worker
     }
 
 
@@ -107,11 +148,16 @@ def run_training(corpus: Path, cache: Path, steps: int, work_dir: Path) -> dict:
                "--save_steps", str(10 * steps), "--model_save_directory", str(work_dir / "runs"),
                "--overwrite_output_dir"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr[-3000:])
-    peak_kib, seconds = result.stderr.strip().splitlines()[-1].split()
-    return {"peak_rss_mib": int(peak_kib) // 1024, "seconds": float(seconds)}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    memory = PeakMemory(process.pid)
+    _, stderr = process.communicate()
+    sampled = memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(stderr[-3000:])
+    peak_kib, seconds = stderr.strip().splitlines()[-1].split()
+    return {"maxrss_mib": int(peak_kib) // 1024, "seconds": float(seconds), **sampled}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,16 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         rows[-1]["train_2_processes"] = run_training(corpus, cache, args.steps, work_dir)
         print(json.dumps(rows[-1]), flush=True)
     print(
-        "| corpus | tokens | workers | prepare s | tokens/s | peak RSS prepare (MiB, main / worker) | "
-        "peak RSS 2-process run (MiB) |"
+        "| corpus | tokens | workers | prepare s | tokens/s | prepare: peak RSS / anonymous (MiB) | "
+        "2-process run: peak RSS / anonymous (MiB) |"
     )
     print("| --- | --: | --: | --: | --: | --: | --: |")
     for row in rows:
         prep, train = row["prepare"], row.get("train_2_processes", {})
         print(
             f"| WikiText-2 x{row['scale']} | {prep['tokens']:,} | {row['workers']} | {prep['seconds']} | "
-            f"{prep['tokens_per_second']:,} | {prep['peak_rss_mib']} / {prep['peak_rss_workers_mib']} | "
-            f"{train.get('peak_rss_mib', '')} |"
+            f"{prep['tokens_per_second']:,} | {prep['peak_rss_mib']} / {prep['peak_anon_rss_mib']} | "
+            f"{train.get('peak_rss_mib', '')} / {train.get('peak_anon_rss_mib', '')} |"
         )
     load = os.getloadavg()
     payload = {"rows": rows, "load_average": load, "command": " ".join(sys.argv), "nproc": os.cpu_count()}
