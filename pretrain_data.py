@@ -53,7 +53,10 @@ DEFAULT_TEXT_COLUMN = "text"
 VALIDATION_SPLIT_PERCENTAGE = 5
 VALIDATION_SPLIT_SEED = 0
 MAX_SEQ_LENGTH = 128  # ELECTRA-Small's sequence length (paper, Table 6)
-TOKENIZE_BATCH_SIZE = 256  # documents per tokenizer call / datasets.map batch
+TOKENIZE_BATCH_SIZE = 256  # documents per datasets.map batch with `packed` (its blocks are cut per batch)
+# ... and with ELECTRA's examples, which do not depend on it: a worker's memory grows with the tokens of one
+# batch (~0.3M for WikiText articles), never with the corpus.
+EXAMPLE_BATCH_SIZE = 64
 MAX_PREPROCESSING_WORKERS = 8
 # Bump when the block layout changes, so old caches are not reused.
 DATA_CACHE_VERSION = 2
@@ -359,14 +362,15 @@ def build_blocks(
     if example_format == "electra":
         columns["token_type_ids"] = datasets.List(datasets.Value("int8"), length=max_seq_length)
     columns.update({name: datasets.Value("int32") for name in COUNT_COLUMNS})
-    workers = min(num_workers, math.ceil(len(documents) / TOKENIZE_BATCH_SIZE))
     electra = example_format == "electra"
+    batch_size = EXAMPLE_BATCH_SIZE if electra else TOKENIZE_BATCH_SIZE
+    workers = min(num_workers, math.ceil(len(documents) / batch_size))
     return documents.map(
         tokenize_into_examples if electra else tokenize_into_blocks,
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
         with_indices=electra,
         batched=True,
-        batch_size=TOKENIZE_BATCH_SIZE,
+        batch_size=batch_size,
         remove_columns=["text"],
         features=datasets.Features(columns),
         num_proc=workers if workers > 1 else None,
