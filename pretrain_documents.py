@@ -14,7 +14,7 @@
 
 A document is stored as one string whose lines are its paragraphs (or sentences); `split_sentences` cuts
 each line into sentences with sentencex (Wikimedia's rule-based segmenter; why this one:
-docs/pretraining.md#sentences).
+docs/pretraining.md#data-at-corpus-scale).
 """
 
 from __future__ import annotations
