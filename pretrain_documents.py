@@ -30,6 +30,9 @@ DOCUMENT_FORMATS = ("auto", "wikitext", "rows", "blank_lines")
 SNIFF_LINES = 2000
 # Lines read from the raw dataset per batch while grouping lines into documents.
 GROUPING_BATCH_LINES = 10_000
+# Documents the grouper's Arrow writer holds before it writes them (datasets' default, 10,000, would hold
+# a whole WikiText-2 x 20 in memory).
+DOCUMENT_WRITER_BATCH = 64
 # WikiText splits hyphens and number separators into " @-@ ", " @,@ ", " @.@ "; undo it before tokenizing.
 WIKITEXT_JOINERS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 # A top-level heading is " = Title = "; sub-headings (" = = Section = = ") continue the article.
@@ -123,7 +126,7 @@ def documents_dataset(raw_split: Any, column: str, document_format: str, scratch
         return documents if column == "text" else documents.rename_column(column, "text")
     path = scratch / f"documents-{document_format}.arrow"
     features = datasets.Features({"text": datasets.Value("string")})
-    with ArrowWriter(features=features, path=str(path)) as writer:
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=DOCUMENT_WRITER_BATCH) as writer:
         for document in GROUPERS[document_format](iter_column(raw_split, column)):
             writer.write({"text": document})
         writer.finalize()

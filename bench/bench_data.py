@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps of the 2-process run (0: no run)")
     parser.add_argument("--work_dir", default="/tmp/bench-data")
     parser.add_argument("--output", default="bench/results/bench_data_cpu.json")
     args = parser.parse_args(argv)
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             rows.append({"scale": scale, "workers": workers, "prepare": run_prepare(corpus, cache, workers)})
             print(json.dumps(rows[-1]), flush=True)
-        rows[-1]["train_2_processes"] = run_training(corpus, cache, args.steps, work_dir)
-        print(json.dumps(rows[-1]), flush=True)
+        if args.steps:
+            rows[-1]["train_2_processes"] = run_training(corpus, cache, args.steps, work_dir)
+            print(json.dumps(rows[-1]), flush=True)
     print(
         "| corpus | tokens | workers | prepare s | tokens/s | prepare: peak RSS / anonymous (MiB) | "
         "2-process run: peak RSS / anonymous (MiB) |"
