@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
+import pretrain_documents  # noqa: E402
 import rtd  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
@@ -411,7 +412,7 @@ def bench_data(threads: int) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(ELECTRA_VOCAB))
     lines = train.read_text(encoding="utf-8").splitlines()
     start = time.perf_counter()
-    articles = pretrain_data.group_into_articles(lines)
+    articles = list(pretrain_documents.group_into_articles(lines))
     blocks = 0
     for i in range(0, len(articles), pretrain_data.TOKENIZE_BATCH_SIZE):
         batch = {"text": articles[i : i + pretrain_data.TOKENIZE_BATCH_SIZE]}
@@ -440,8 +441,8 @@ def bench_data(threads: int) -> dict | None:
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    cached_tokens = sum(split["input_ids"].size for split in again.values())
-    if cached_tokens != sum(split["input_ids"].size for split in first.values()):
+    cached_tokens = sum(len(again[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation"))
+    if cached_tokens != sum(len(first[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation")):
         raise RuntimeError("the cached reload returned different blocks")
     return dict(
         corpus="WikiText-2 validation (train) + test (validation), ELECTRA uncased vocabulary",
