@@ -48,7 +48,7 @@ from pretrain_data import (
     num_examples,
     prepare_blocks,
 )
-from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, MetricWindow
+from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
     REQUEUE_EXIT_CODE,
     StopRequest,
@@ -692,7 +692,7 @@ def build_training_run(
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    set_seed(args.seed, device_specific=True)  # different masks on each process
+    set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
     logger.info(
         "discriminator %.2fM parameters (%d experts, top-%d, MoE layers %s); generator %.2fM (hidden %d)",
         discriminator.num_parameters() / 1e6,
@@ -746,6 +746,7 @@ def evaluate(
         shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
         for start in range(0, len(shard), batch_size):
             batch = batch_tensors(blocks, shard[start : start + batch_size])
+            batch["example_keys"] = example_keys(seed, 0, shard[start : start + batch_size], "validation")
             window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
     module.train()
     return window.summary(accelerator)
@@ -807,6 +808,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
         )[: data.micro_batches_per_epoch]
         for batch_index in range(state.batch_index, len(batches)):
             batch = batch_tensors(data.train_blocks, batches[batch_index])
+            batch["example_keys"] = example_keys(args.seed, state.global_step, batches[batch_index])
             outputs, grad_norm = train_step(run, accelerator, batch, args.max_grad_norm)
             state.window.add(outputs)
             if grad_norm is None:
