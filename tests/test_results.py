@@ -137,7 +137,7 @@ def test_copy_results_keeps_the_small_files_and_gather_reads_them_alike(tmp_path
 def test_unkept_tables_say_so():
     """Tables whose run files were not kept are labelled, with the command that reproduces them."""
     text = (REPO_ROOT / "docs" / "results.md").read_text()
-    assert text.count(NOT_RECOMPUTABLE) >= 5
+    assert text.lower().count(NOT_RECOMPUTABLE) >= 8
     for line in text.splitlines():
-        if NOT_RECOMPUTABLE in line and "run files" in line:
+        if NOT_RECOMPUTABLE in line.lower() and "run files" in line:
             assert "`" in line, f"no rerun command: {line}"
