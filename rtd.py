@@ -78,14 +78,21 @@ def example_keys(
 
 
 def position_keys(keys: torch.Tensor, stream: int, length: int) -> torch.Tensor:
-    """[rows, length] keys for the positions 0..length-1 of each row's `stream`."""
+    """[rows, length] hashed keys for the positions 0..length-1 of each row's `stream`."""
     base = mix32(mix32(keys ^ stream))
     return mix32(base.unsqueeze(-1) ^ torch.arange(length, device=keys.device))
 
 
 def keyed_uniform(keys: torch.Tensor) -> torch.Tensor:
-    """One fp32 uniform in [0, 1) per key (24 random bits, as `torch.rand` has for fp32)."""
-    return (mix32(keys) >> 8).float() * 2.0**-24
+    """One fp32 uniform in [0, 1) per hashed key (its top 24 bits, as many as `torch.rand` has for fp32)."""
+    return (keys >> 8).float() * 2.0**-24
+
+
+def keyed_uniform_fp64(keys: torch.Tensor) -> torch.Tensor:
+    """One fp64 uniform in [0, 1) per key, with 53 random bits from two further hashes of it."""
+    high = mix32(keys ^ 0x68E31DA4) >> 6  # 26 bits
+    low = mix32(keys ^ 0xB5297A4D) >> 5  # 27 bits
+    return (high * 2**27 + low).double() * 2.0**-53
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,15 +159,20 @@ def draw_uniform(
 def sample_tokens(
     logits: torch.Tensor, generator: torch.Generator | None = None, keys: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Sample one token per row at temperature 1 by the Gumbel-max trick, in fp32 and without gradient.
+    """Sample one token per row at temperature 1 by inverting its distribution function with one uniform
+    per row (softmax in fp32, cumulative sum in fp64; no gradient).
 
-    `keys` ([rows]): one key per row (a masked position, see `masked_position_keys`), the noise keyed by it.
+    `keys` ([rows]): one key per row (a masked position, see `masked_position_keys`), the uniform keyed by
+    it; otherwise drawn from `generator`. One number per row, not one per vocabulary entry as the
+    Gumbel-max trick needs, keeps the keyed draw cheap.
     """
-    logits = logits.detach().float()
-    uniform = draw_uniform(logits.shape, logits.device, generator, keys, STREAM_SAMPLE)
-    tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 1e-7)))
-    return (logits + gumbel).argmax(dim=-1)
+    cdf = logits.detach().float().softmax(dim=-1).double().cumsum(dim=-1)
+    if keys is None:
+        uniform = torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device, generator=generator)
+    else:
+        uniform = keyed_uniform_fp64(keys.to(cdf.device))
+    target = (uniform * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def masked_position_keys(keys: torch.Tensor, is_masked: torch.Tensor) -> torch.Tensor:

@@ -105,3 +105,14 @@ def test_keyed_forward_sums_over_split_batches_to_the_whole_batch(tokenizer):
     disc_sum = sum(half["stats/disc_loss"] * half["stats/tokens"] for half in halves)
     torch.testing.assert_close(whole["stats/disc_loss"] * whole["stats/tokens"], disc_sum)
     assert torch.equal(whole["loss"], again["loss"])  # deterministic: no global generator involved
+
+
+def test_keyed_rng_benchmark_runs(capsys):
+    from bench import bench_keyed_rng
+
+    assert (
+        bench_keyed_rng.main(["--batch_size", "4", "--seq_len", "16", "--vocab_size", "50", "--rounds", "3"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "keyed / global: best" in printed and "masking alone: keyed" in printed
