@@ -51,7 +51,7 @@ from pretrain_data import (
 )
 from pretrain_documents import DOCUMENT_FORMATS
 from pretrain_models import build_model_configs, build_models, model_shape_error
-from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow
+from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
     REQUEUE_EXIT_CODE,
     StopRequest,
@@ -444,7 +444,7 @@ def build_training_run(
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    set_seed(args.seed, device_specific=True)  # different masks on each process
+    set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
     logger.info(
         "discriminator %.2fM parameters (%d experts, top-%d, MoE layers %s); generator %.2fM (hidden %d)",
         discriminator.num_parameters() / 1e6,
@@ -498,6 +498,7 @@ def evaluate_rtd(
         shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
         for start in range(0, len(shard), batch_size):
             batch = batch_tensors(blocks, shard[start : start + batch_size])
+            batch["example_keys"] = example_keys(seed, 0, shard[start : start + batch_size], "validation")
             window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
     module.train()
     return window.summary(accelerator)
@@ -559,6 +560,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
         )[: data.micro_batches_per_epoch]
         for batch_index in range(state.batch_index, len(batches)):
             batch = batch_tensors(data.train_blocks, batches[batch_index])
+            batch["example_keys"] = example_keys(args.seed, state.global_step, batches[batch_index])
             outputs, grad_norm = train_step(run, accelerator, batch, args.max_grad_norm)
             state.window.add(outputs)
             if grad_norm is None:

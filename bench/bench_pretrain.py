@@ -13,7 +13,7 @@ the top-2 MoE models, same generator) and the study's six MoE configurations (ex
 compute (dense for top-1, dense-2x for top-2): 1.0 = as fast. Step times are the best of the timed rounds
 (medians and every sample are in the JSON), as in bench_moe. Each step's model FLOPs are counted by
 `rtd_step_flops` (its docstring says how); TFLOP/s is that over the step time, and MFU that over
-`--peak_tflops` (on CUDA the H200's measured bf16 dense peak unless given; not shown on CPU unless given).
+`--peak_tflops` (on CUDA the H200 SXM's spec-sheet bf16 dense peak, 989, unless given; not shown on CPU unless given).
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
@@ -109,8 +109,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peak_tflops",
         type=float,
-        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200's "
-        "measured bf16 dense peak; on CPU no MFU unless given)",
+        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200 SXM's "
+        "spec-sheet bf16 dense peak; on CPU no MFU unless given)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
