@@ -285,7 +285,7 @@ CHANGEABLE_ON_RESUME = frozenset(
     {
         "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
         "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
-        "overwrite_output_dir", "push_to_hub", "hub_model_id",
+        "overwrite_output_dir", "push_to_hub", "hub_model_id", "gradient_checkpointing", "compile",
     }
 )  # fmt: skip
 # What a run recorded before these flags existed did: a record without them is compared with these values.
