@@ -72,7 +72,9 @@ def encoder_layers(model: nn.Module) -> list[nn.Module]:
     return [*model.generator.electra.encoder.layer, *model.discriminator.electra.encoder.layer]
 
 
-def prepare_layers(model: nn.Module, gradient_checkpointing: bool, compile_layers: bool) -> None:
+def prepare_layers(
+    model: nn.Module, gradient_checkpointing: bool, compile_layers: bool, compile_backend: str = "inductor"
+) -> None:
     """Activation checkpointing per encoder layer (non-reentrant) and/or each layer's forward compiled.
 
     Compiling the bound `forward` (not wrapping the module) keeps parameter names, so checkpoints and the
@@ -80,10 +82,10 @@ def prepare_layers(model: nn.Module, gradient_checkpointing: bool, compile_layer
     """
     if gradient_checkpointing:
         for part in (model.generator, model.discriminator):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if compile_layers:
         for layer in encoder_layers(model):
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = torch.compile(layer.forward, backend=compile_backend)
 
 
 def mixed_precision_policy(mixed_precision: str) -> Any:

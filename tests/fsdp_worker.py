@@ -28,7 +28,7 @@ MODEL_FLAGS = [
 ]  # fmt: skip
 
 
-def build(vocab_dir: str) -> torch.nn.Module:
+def build(vocab_dir: str, dropout: bool = False) -> torch.nn.Module:
     from transformers import AutoTokenizer
 
     from rtd import ElectraPretrainingModel
@@ -37,7 +37,8 @@ def build(vocab_dir: str) -> torch.nn.Module:
     tokenizer = AutoTokenizer.from_pretrained(vocab_dir)
     disc_config, gen_config = wt.build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
     for config in (disc_config, gen_config):  # no dropout: the two models then see identical computations
-        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+        if not dropout:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     torch.manual_seed(0)
     generator, discriminator = wt.build_models(disc_config, gen_config)
     return ElectraPretrainingModel(generator, discriminator, tokenizer)
