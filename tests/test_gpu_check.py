@@ -103,7 +103,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "step_pretrain", fake("pretrain"))
     monkeypatch.setattr(gpu_check, "step_glue", fake("glue"))
     assert gpu_check.main(["--out", str(tmp_path), "--data", "demo"]) == 1
-    assert ran == ["environment", "pytest", "bench", "bench", "pretrain", "glue"]
+    assert ran == ["environment", "pytest", "bench", "bench", "bench", "pretrain", "glue"]
     steps = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
     assert (
         steps["pytest_cuda"]["status"] == "failed" and "RuntimeError: boom" in steps["pytest_cuda"]["detail"]
