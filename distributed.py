@@ -22,6 +22,7 @@ The final `generator/` and `discriminator/` are gathered to process 0 and saved 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ def scaling_flags_error(args: argparse.Namespace) -> str | None:
     if args.sharding != "fsdp":
         return None
     if args.mixed_precision == "fp16":
-        return "--sharding fsdp takes --mixed_precision bf16 or no (fp16 would need a sharded gradient scaler)"
+        return (
+            "--sharding fsdp takes --mixed_precision bf16 or no (fp16 would need a sharded gradient scaler)"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return "--sharding fsdp needs 2 or more processes (torchrun or accelerate launch); one process trains unsharded"
     return None
@@ -86,6 +89,24 @@ def prepare_layers(
     if compile_layers:
         for layer in encoder_layers(model):
             layer.forward = torch.compile(layer.forward, backend=compile_backend)
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The scaling flags applied to the ElectraPretrainingModel: checkpointing, compile, then FSDP units
+    (before the optimizer is built: it must take the sharded parameters)."""
+    prepare_layers(model, args.gradient_checkpointing, args.compile)
+    if args.sharding == "fsdp":
+        model = shard_model(model, device, args.mixed_precision)
+    return model
+
+
+def prepare_training(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+    """DDP (and mixed precision) through `accelerator.prepare`; a sharded model as it is, with its sharded
+    checkpoints hooked into `accelerator.save_state` / `load_state`."""
+    if not is_sharded(model):
+        return accelerator.prepare(model, optimizer)
+    register_sharded_checkpointing(accelerator, model, optimizer)
+    return model, optimizer
 
 
 def mixed_precision_policy(mixed_precision: str) -> Any:
@@ -120,8 +141,12 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` for sharded (DTensor) gradients: the norm over all shards, the same on every rank."""
+def clip_grad_norm(accelerator: Any, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm` in total; returns the norm before clipping. Sharded (DTensor)
+    gradients: the norm over all shards, the same on every process; otherwise accelerate's clipping."""
+    parameters = list(model.parameters())
+    if not is_sharded(model):
+        return accelerator.clip_grad_norm_(parameters, max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
     if hasattr(total, "full_tensor"):
@@ -146,18 +171,19 @@ def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
 # --- Evaluation in lockstep -----------------------------------------------------------------------------------
 
 
-def lockstep_batches(
-    shard: np.ndarray, batch_size: int, num_examples: int, num_processes: int, sharded: bool
+def evaluation_batches(
+    num_examples: int, batch_size: int, accelerator: Any, model: nn.Module
 ) -> list[tuple[np.ndarray, bool]]:
-    """This process's evaluation batches as `(indices, counted)`.
+    """This process's evaluation batches (every num_processes-th example) as `(indices, counted)`.
 
     Under FSDP every forward gathers parameters collectively, so every process must run as many forwards
     as the process with the most examples: the ones with fewer repeat a batch whose outputs are not counted.
     """
+    shard = np.arange(accelerator.process_index, num_examples, accelerator.num_processes)
     batches = [(shard[start : start + batch_size], True) for start in range(0, len(shard), batch_size)]
-    if not sharded:
+    if not is_sharded(model):
         return batches
-    most = -(-(-(-num_examples // num_processes)) // batch_size)  # ceil(ceil(N / P) / B)
+    most = math.ceil(math.ceil(num_examples / accelerator.num_processes) / batch_size)
     filler = batches[-1][0] if batches else np.arange(min(num_examples, 1))
     return batches + [(filler, False)] * (most - len(batches))
 
@@ -182,9 +208,7 @@ def register_sharded_checkpointing(accelerator: Any, model: nn.Module, optimizer
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=input_dir)
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-        )
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

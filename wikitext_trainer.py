@@ -27,17 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed import (
-    add_scaling_arguments,
-    clip_grad_norm,
-    final_models,
-    is_sharded,
-    lockstep_batches,
-    prepare_layers,
-    register_sharded_checkpointing,
-    scaling_flags_error,
-    shard_model,
-)
+import distributed
 from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
 from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically
@@ -309,7 +299,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         metavar="{auto,PATH}",
         help="'auto' = latest checkpoint of this run, if any",
     )
-    add_scaling_arguments(parser)
+    distributed.add_scaling_arguments(parser)
 
     output = parser.add_argument_group("output")
     output.add_argument("--model_save_directory", default="outputs/pretrain")
@@ -348,7 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_split_percentage must lie in (0, 100)")
     if args.max_seq_length < 3:
         parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
-    problem = init_flags_error(parser, args) or model_shape_error(args) or scaling_flags_error(args)
+    problem = (
+        init_flags_error(parser, args) or model_shape_error(args) or distributed.scaling_flags_error(args)
+    )
     if problem:
         parser.error(problem)
     if args.model_save_name is None:
@@ -695,9 +687,7 @@ def build_training_run(
     model = ElectraPretrainingModel(
         generator, discriminator, tokenizer, args.mask_prob, args.gen_weight, args.disc_weight
     )
-    prepare_layers(model, args.gradient_checkpointing, args.compile)
-    if args.sharding == "fsdp":  # before the optimizer: it takes the sharded parameters
-        model = shard_model(model, accelerator.device, args.mixed_precision)
+    model = distributed.prepare_model(model, args, accelerator.device)  # before AdamW takes its parameters
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(model, args.weight_decay),
         lr=args.learning_rate,
@@ -705,10 +695,7 @@ def build_training_run(
         eps=ADAM_EPSILON,
     )
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
-    if args.sharding == "fsdp":
-        register_sharded_checkpointing(accelerator, model, optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare_training(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(args.seed, device_specific=True)  # different masks on each process
     logger.info(
@@ -741,8 +728,7 @@ def train_step(
         accelerator.backward(outputs["loss"])
         if not accelerator.sync_gradients:
             return outputs, None
-        clip = clip_grad_norm if is_sharded(run.model) else accelerator.clip_grad_norm_
-        grad_norm = clip(list(run.model.parameters()), max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(accelerator, run.model, max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -762,9 +748,8 @@ def evaluate(
     window = MetricWindow()
     with torch.random.fork_rng(devices=rng_devices(accelerator)):
         torch.manual_seed(seed)
-        shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
-        sharded, total = is_sharded(model), num_examples(blocks)
-        for indices, counted in lockstep_batches(shard, batch_size, total, accelerator.num_processes, sharded):
+        batches = distributed.evaluation_batches(num_examples(blocks), batch_size, accelerator, model)
+        for indices, counted in batches:
             batch = batch_tensors(blocks, indices)
             outputs = module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()})
             if counted:  # under FSDP, a process with fewer examples repeats a batch to stay in step
@@ -917,7 +902,7 @@ def write_outputs(p: Pretraining, state: LoopState) -> None:
     if state.last_eval_step != state.global_step:
         validate(p, state)
     p.accelerator.wait_for_everyone()
-    model = final_models(p.run.model, p.accelerator)  # under FSDP gathered onto the main process
+    model = distributed.final_models(p.run.model, p.accelerator)  # under FSDP gathered onto the main process
     if p.accelerator.is_main_process:
         with reporting_write_errors(p.run_dir):
             save_final_models(model, p.data.tokenizer, p.run_dir)

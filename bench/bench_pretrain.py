@@ -475,7 +475,10 @@ def step_table(rows: list[dict]) -> list[str]:
             + (" MFU |" if mfu else "")
             + (" peak GiB |" if peak else "")
             + " vs equal-compute dense |",
-            "| --- | --- | --- | --- | --- |" + (" --- |" if mfu else "") + (" --- |" if peak else "") + " --- |",
+            "| --- | --- | --- | --- | --- |"
+            + (" --- |" if mfu else "")
+            + (" --- |" if peak else "")
+            + " --- |",
         ]
         for row in sized:
             versus = (

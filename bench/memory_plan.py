@@ -86,7 +86,11 @@ def encoder_parameters(config) -> list[int]:
 
 
 def project_parameters(config) -> int:
-    return linear(config.embedding_size, config.hidden_size) if config.embedding_size != config.hidden_size else 0
+    return (
+        linear(config.embedding_size, config.hidden_size)
+        if config.embedding_size != config.hidden_size
+        else 0
+    )
 
 
 def count_parameters(disc, gen) -> dict[str, int]:
@@ -137,7 +141,9 @@ def activation_bytes(disc, gen, tokens: int, seq_len: int, bytes_per: int, check
     return tokens * (elements * bytes_per + logits + embeddings * bytes_per)
 
 
-def plan(disc, gen, batch: int, seq_len: int, gpus: int, gpu_gib: float, bf16: bool, reserve_gib: float) -> Plan:
+def plan(
+    disc, gen, batch: int, seq_len: int, gpus: int, gpu_gib: float, bf16: bool, reserve_gib: float
+) -> Plan:
     counts = count_parameters(disc, gen)
     p, compute = counts["total"], 2 if bf16 else 4
     tokens = batch * seq_len
@@ -147,12 +153,23 @@ def plan(disc, gen, batch: int, seq_len: int, gpus: int, gpu_gib: float, bf16: b
     gathered = counts["root"] * compute + 2 * largest * compute + largest * 4
     ddp = {"weights": 4 * p, "gradients": 4 * p + 4 * p, "adamw": 8 * p, "gathered": 0.0, "activations": acts}
     fsdp = {"weights": 4 * p / gpus, "gradients": 4 * p / gpus, "adamw": 8 * p / gpus, "gathered": gathered}
-    per_gpu = {"DDP": ddp, "FSDP": {**fsdp, "activations": acts}, "FSDP + ckpt": {**fsdp, "activations": acts_ckpt}}
+    per_gpu = {
+        "DDP": ddp,
+        "FSDP": {**fsdp, "activations": acts},
+        "FSDP + ckpt": {**fsdp, "activations": acts_ckpt},
+    }
     budget = (gpu_gib - reserve_gib) * GIB
     return Plan(p, per_gpu, {mode: sum(parts.values()) <= budget for mode, parts in per_gpu.items()})
 
 
-def configs(size: str, experts: int, top_k: int, seq_len: int, generator_moe: bool = False, vocab: int = ELECTRA_VOCAB_SIZE):
+def configs(
+    size: str,
+    experts: int,
+    top_k: int,
+    seq_len: int,
+    generator_moe: bool = False,
+    vocab: int = ELECTRA_VOCAB_SIZE,
+):
     """The trainer's discriminator and generator configs for these flags (its presets and size rule)."""
     flags = ["--model_size", size, "--num_experts", str(experts), "--top_k", str(min(top_k, experts))]
     flags += ["--max_seq_length", str(seq_len), "--learning_rate", "1e-4"]  # (no effect on memory)
@@ -164,7 +181,9 @@ def configs(size: str, experts: int, top_k: int, seq_len: int, generator_moe: bo
 
 
 def describe(args: argparse.Namespace) -> str:
-    disc, gen = configs(args.model_size, args.num_experts, args.top_k, args.max_seq_length, args.generator_moe)
+    disc, gen = configs(
+        args.model_size, args.num_experts, args.top_k, args.max_seq_length, args.generator_moe
+    )
     result = plan(disc, gen, args.batch_size, args.max_seq_length, args.num_gpus, args.gpu_memory_gib,
                   args.mixed_precision == "bf16", args.reserve_gib)  # fmt: skip
     lines = [f"{args.model_size}, {args.num_experts} experts, top-{args.top_k}: {result.parameters / 1e9:.3f} B "
@@ -173,8 +192,12 @@ def describe(args: argparse.Namespace) -> str:
              "| mode | weights | gradients | AdamW | gathered | activations | total GiB | fits |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for mode, parts in result.per_gpu.items():
-        cells = " | ".join(f"{parts[key] / GIB:.2f}" for key in ("weights", "gradients", "adamw", "gathered", "activations"))
-        lines.append(f"| {mode} | {cells} | {sum(parts.values()) / GIB:.2f} | {'yes' if result.fits[mode] else 'no'} |")
+        cells = " | ".join(
+            f"{parts[key] / GIB:.2f}" for key in ("weights", "gradients", "adamw", "gathered", "activations")
+        )
+        lines.append(
+            f"| {mode} | {cells} | {sum(parts.values()) / GIB:.2f} | {'yes' if result.fits[mode] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -191,7 +214,9 @@ def fit_table(batch: int, seq_len: int, gpus: int) -> str:
                 result = plan(disc, gen, batch, seq_len, gpus, gib, True, RESERVE_GIB)
                 cells.append(" / ".join(
                     f"{sum(result.per_gpu[m].values()) / GIB:.0f}{'*' if result.fits[m] else ''}" for m in MODES))  # fmt: skip
-            lines.append(f"| {size} | {experts} | {result.parameters / 1e9:.2f} B | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {size} | {experts} | {result.parameters / 1e9:.2f} B | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -208,12 +233,28 @@ def measure(size: str, experts: int, batch: int, seq_len: int, steps: int = 2) -
     vocab_dir = write_vocab_dir(Path(__import__("tempfile").mkdtemp()) / "vocab")
     tokenizer = BertTokenizerFast.from_pretrained(str(vocab_dir))
     disc, gen = configs(size, experts, 2, seq_len, vocab=len(tokenizer))
-    args = wt.parse_args(["--model_size", size, "--num_experts", str(experts), "--top_k", "2", "--max_seq_length", str(seq_len)])
+    args = wt.parse_args(
+        [
+            "--model_size",
+            size,
+            "--num_experts",
+            str(experts),
+            "--top_k",
+            "2",
+            "--max_seq_length",
+            str(seq_len),
+        ]
+    )
     accelerator = Accelerator(cpu=True)
     start = time.perf_counter()
     # A first step of a toy model loads what the runtime loads lazily (kernels, autograd threads): not counted.
-    for model_args, b, s in ((wt.parse_args(["--model_size", "tiny", "--max_seq_length", "16"]), 1, 16), (args, batch, seq_len)):
-        model_disc, model_gen = configs(model_args.model_size, model_args.num_experts, 2, s, vocab=len(tokenizer))
+    for model_args, b, s in (
+        (wt.parse_args(["--model_size", "tiny", "--max_seq_length", "16"]), 1, 16),
+        (args, batch, seq_len),
+    ):
+        model_disc, model_gen = configs(
+            model_args.model_size, model_args.num_experts, 2, s, vocab=len(tokenizer)
+        )
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         run = wt.build_training_run(model_args, tokenizer, model_disc, model_gen, steps, accelerator)
         input_ids = torch.randint(5, len(tokenizer), (b, s))
@@ -223,11 +264,17 @@ def measure(size: str, experts: int, batch: int, seq_len: int, steps: int = 2) -
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     estimate = plan(disc, gen, batch, seq_len, 1, 1e9, False, 0).per_gpu["DDP"]
     estimate = sum(estimate.values()) - 4 * count_parameters(disc, gen)["total"]  # no DDP buckets
-    return {"measured_mib": peak / 2**20, "estimate_mib": estimate / 2**20, "seconds": time.perf_counter() - start}
+    return {
+        "measured_mib": peak / 2**20,
+        "estimate_mib": estimate / 2**20,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model_size", default="base", choices=("tiny", "small", "base", "large"))
     parser.add_argument("--num_experts", type=int, default=8)
     parser.add_argument("--top_k", type=int, default=2)
@@ -239,7 +286,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reserve_gib", type=float, default=RESERVE_GIB, help="CUDA context, fragmentation")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="bf16")
     parser.add_argument("--table", action="store_true", help="the fit table of docs/pretraining.md")
-    parser.add_argument("--measure", action="store_true", help="estimate vs peak RSS on the CPU (tiny, small)")
+    parser.add_argument(
+        "--measure", action="store_true", help="estimate vs peak RSS on the CPU (tiny, small)"
+    )
     parser.add_argument("--measure_one", choices=MEASURED, help=argparse.SUPPRESS)  # one per process
     return parser
 

@@ -1,10 +1,10 @@
 """Run by tests/test_fsdp.py under torchrun (2 gloo processes).
 
-    fsdp_worker.py grads OUT.json VOCAB_DIR  -- one batch through an FSDP-sharded model and an unsharded copy:
-        the largest gradient difference per parameter (full tensors), then one AdamW step each and the bytes
-        of parameters + AdamW state this process holds under FSDP and unsharded (DDP keeps a full copy).
-    fsdp_worker.py stop STEP TRAINER_ARGS...  -- wikitext_trainer.main with a real SIGTERM sent to process 0
-        right after it logs step STEP (the stop signal reaches the other process through the trainer).
+fsdp_worker.py grads OUT.json VOCAB_DIR  -- one batch through an FSDP-sharded model and an unsharded copy:
+    the largest gradient difference per parameter (full tensors), then one AdamW step each and the bytes
+    of parameters + AdamW state this process holds under FSDP and unsharded (DDP keeps a full copy).
+fsdp_worker.py stop STEP TRAINER_ARGS...  -- wikitext_trainer.main with a real SIGTERM sent to process 0
+    right after it logs step STEP (the stop signal reaches the other process through the trainer).
 """
 
 import json

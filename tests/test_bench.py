@@ -140,7 +140,10 @@ def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
     assert steps["moe4-top2"]["flops_per_step"] == steps["dense-2x"]["flops_per_step"] + router
     assert steps["moe4-ec1"]["flops_per_step"] == steps["dense"]["flops_per_step"] + router
     table = capsys.readouterr().out
-    assert "`tiny`, batch 2 x 16 tokens, --compile, --gradient_checkpointing" in table and "| TFLOP/s | MFU |" in table
+    assert (
+        "`tiny`, batch 2 x 16 tokens, --compile, --gradient_checkpointing" in table
+        and "| TFLOP/s | MFU |" in table
+    )
     assert payload["peak_tflops"] == 100 and "3 x the forward" in payload["flops_counted"]
     assert bench_pretrain.main([*argv, "--configs", "dense", "--output", str(output)]) == 0
     (row,) = json.loads(output.read_text())["steps"]

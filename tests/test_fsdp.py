@@ -96,7 +96,9 @@ def test_sigterm_under_fsdp_resumes_to_the_uninterrupted_weights(runs, vocab_dir
     run_dir = root / "out" / "stopped"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in (run_dir / "checkpoints" / "checkpoint-3").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {
+        p.name for p in (run_dir / "checkpoints" / "checkpoint-3").iterdir()
+    }
     assert not (run_dir / "discriminator").exists()
     launch([*TORCHRUN, str(REPO_ROOT / "wikitext_trainer.py"), *argv, "--resume_from_checkpoint", "auto"])
     assert_same_weights(final_weights(run_dir), final_weights(runs["fsdp"]))

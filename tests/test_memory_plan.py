@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+import wikitext_trainer as wt
 from bench import memory_plan
 from rtd import ElectraPretrainingModel
-import wikitext_trainer as wt
 
 
 @pytest.mark.parametrize(
@@ -14,7 +14,16 @@ import wikitext_trainer as wt
         ["--model_size", "tiny", "--num_experts", "1"],
         ["--model_size", "tiny", "--num_experts", "8", "--top_k", "2", "--router_type", "noisy_topk"],
         ["--model_size", "small", "--num_experts", "4", "--top_k", "1", "--generator_moe"],
-        ["--model_size", "base", "--num_experts", "2", "--router_type", "expert_choice", "--moe_layer_frequency", "2"],
+        [
+            "--model_size",
+            "base",
+            "--num_experts",
+            "2",
+            "--router_type",
+            "expert_choice",
+            "--moe_layer_frequency",
+            "2",
+        ],
     ],
 )
 def test_parameter_counts_equal_the_built_models(flags, tokenizer):

@@ -7,8 +7,8 @@ the 2 shared CPU cores (it passed at the same tolerance; bench/gpu_check.sh runs
 
 import torch
 
-from fsdp_worker import build
 from distributed import prepare_layers
+from fsdp_worker import build
 
 # Recomputation replays the same operations with the same RNG state (dropout, noisy routing): equal up to
 # summation order, measured 0 on CPU; the bound.

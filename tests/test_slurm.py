@@ -244,7 +244,10 @@ def test_multi_node_launch_command(slurm_cluster):
            "SLURM_CPUS_PER_TASK": "32"}  # fmt: skip
     scaling = ["--sharding", "fsdp", "--gradient_checkpointing"]
     done = subprocess.run(
-        ["bash", str(PRETRAIN_SCRIPT), "--model_size", "small", *scaling], env=env, capture_output=True, text=True
+        ["bash", str(PRETRAIN_SCRIPT), "--model_size", "small", *scaling],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     command = done.stdout.splitlines()[-1]
