@@ -237,11 +237,17 @@ def final_models(model: nn.Module, accelerator: Any) -> FinalModels | None:
     full = get_model_state_dict(model, options=options)
     if not accelerator.is_main_process:
         return None
+    from transformers.initialization import no_init_weights
+
     parts = {}
     for name in ("generator", "discriminator"):
         sharded_part = getattr(model, name)
-        part = type(sharded_part)(sharded_part.config)
+        with (
+            no_init_weights()
+        ):  # every weight is loaded next (a random init of 13 B parameters takes minutes)
+            part = type(sharded_part)(sharded_part.config)
         prefix = f"{name}."
         part.load_state_dict({k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)})
+        part.tie_weights()  # the generator's LM head is its word embeddings (no_init_weights skipped the tie)
         parts[name] = part
     return FinalModels(**parts)
