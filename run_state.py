@@ -293,7 +293,7 @@ BOOKKEEPING_FLAGS = frozenset(
     {
         "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
         "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
-        "overwrite_output_dir", "push_to_hub", "hub_model_id",
+        "overwrite_output_dir", "push_to_hub", "hub_model_id", "gradient_checkpointing", "compile",
     }
 )  # fmt: skip
 # ... and the model hyperparameters declared `changeable_on_resume` (modeling_electra_config.py).

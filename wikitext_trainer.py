@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import distributed
 from init_checkpoint import check_init_vocabulary, init_flags_error
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
 from optimization import ADAM_BETAS, ADAM_EPSILON, SCHEDULES, make_schedule, optimizer_parameter_groups
@@ -244,6 +245,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         metavar="{auto,PATH}",
         help="'auto' = latest checkpoint of this run, if any",
     )
+    distributed.add_scaling_arguments(parser)
 
     output = parser.add_argument_group("output")
     output.add_argument("--model_save_directory", default="outputs/pretrain")
@@ -284,7 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_split_percentage must lie in (0, 100)")
     if args.max_seq_length < 3:
         parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
-    problem = init_flags_error(parser, args) or model_shape_error(args)
+    problem = (
+        init_flags_error(parser, args) or model_shape_error(args) or distributed.scaling_flags_error(args)
+    )
     if problem:
         parser.error(problem)
     if args.model_save_name is None:
@@ -435,6 +439,7 @@ def build_training_run(
     model = ElectraPretrainingModel(
         generator, discriminator, tokenizer, args.mask_prob, args.gen_weight, args.disc_weight
     )
+    model = distributed.prepare_model(model, args, accelerator.device)  # before AdamW takes its parameters
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(model, args.weight_decay),
         lr=args.learning_rate,
@@ -442,7 +447,7 @@ def build_training_run(
         eps=ADAM_EPSILON,
     )
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare_training(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
     logger.info(
@@ -475,7 +480,7 @@ def train_step(
         accelerator.backward(outputs["loss"])
         if not accelerator.sync_gradients:
             return outputs, None
-        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(accelerator, run.model, max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -495,11 +500,13 @@ def evaluate_rtd(
     window = MetricWindow()
     with torch.random.fork_rng(devices=rng_devices(accelerator)):
         torch.manual_seed(seed)
-        shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
-        for start in range(0, len(shard), batch_size):
-            batch = batch_tensors(blocks, shard[start : start + batch_size])
-            batch["example_keys"] = example_keys(seed, 0, shard[start : start + batch_size], "validation")
-            window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
+        batches = distributed.evaluation_batches(num_examples(blocks), batch_size, accelerator, model)
+        for indices, counted in batches:
+            batch = batch_tensors(blocks, indices)
+            batch["example_keys"] = example_keys(seed, 0, indices, "validation")
+            outputs = module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()})
+            if counted:  # under FSDP, a process with fewer examples repeats a batch to stay in step
+                window.add(outputs)
     module.train()
     return window.summary(accelerator)
 
@@ -633,8 +640,8 @@ def write_outputs(p: Pretraining, state: LoopState) -> None:
     if state.last_eval_step != state.global_step:
         validate(p, state)
     p.accelerator.wait_for_everyone()
+    model = distributed.final_models(p.run.model, p.accelerator)  # under FSDP gathered onto the main process
     if p.accelerator.is_main_process:
-        model = p.accelerator.unwrap_model(p.run.model)
         with reporting_write_errors(p.run_dir):
             save_final_models(model, p.data.tokenizer, p.run_dir)
         remove_stale_temporaries(p.run_dir)

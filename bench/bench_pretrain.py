@@ -112,7 +112,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200 SXM's "
         "spec-sheet bf16 dense peak; on CPU no MFU unless given)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
+    parser.add_argument(
+        "--compile", action="store_true", help="the trainer's --compile (each encoder layer, inductor)"
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="the trainer's --gradient_checkpointing"
+    )
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-pipeline part")
     parser.add_argument(
@@ -298,16 +303,16 @@ def build_runs(
     for name in config_names(args):
         config = config_spec(name, size)
         # Created and initialised on the device: 64x1 at base has 3.6 G parameters, slow to fill on the host.
+        scaling = [f"--{flag}" for flag in ("compile", "gradient_checkpointing") if getattr(args, flag)]
         with torch.device(accelerator.device):
             run, trainer_args, (disc, gen) = build_training(
-                size, config["flags"], seq_len, tokenizer, vocab_size, accelerator, args.warmup + args.repeats
-            )
+                size, [*config["flags"], *scaling], seq_len, tokenizer, vocab_size, accelerator,
+                args.warmup + args.repeats,
+            )  # fmt: skip
         params = sum(p.numel() for p in run.model.parameters())
-        if args.compile:
-            run.model = torch.compile(run.model)
         flops = rtd_step_flops(disc, gen, batch, seq_len, trainer_args.mask_prob)
         runs[name] = dict(config=config, run=run, max_grad_norm=trainer_args.max_grad_norm, params=params,
-                          batch=batch, flops=flops, times=[], cpu=[], peak=[])  # fmt: skip
+                          batch=batch, flops=flops, times=[], cpu=[], peak=[], scaling=scaling)  # fmt: skip
     return runs
 
 
@@ -345,7 +350,7 @@ def step_rows(runs: dict, size: str, seq_len: int, peak_tflops: float | None) ->
         row = dict(size=size, name=name, flags=run["config"]["flags"], reference=run["config"]["reference"],
                    parameters=run["params"], batch=run["batch"], seq_len=seq_len, tokens_per_step=tokens,
                    step_s=seconds, tokens_per_s=tokens / seconds, flops_per_step=run["flops"],
-                   tflops_per_s=run["flops"] / seconds / 1e12)  # fmt: skip
+                   tflops_per_s=run["flops"] / seconds / 1e12, scaling=run["scaling"])  # fmt: skip
         if peak_tflops:
             row["mfu"] = row["tflops_per_s"] / peak_tflops
         median = statistics.median(run["times"])
@@ -468,14 +473,18 @@ def step_table(rows: list[dict]) -> list[str]:
     lines = []
     for size in dict.fromkeys(row["size"] for row in rows):
         sized = [row for row in rows if row["size"] == size]
-        mfu = "mfu" in sized[0]
+        mfu, peak = "mfu" in sized[0], "peak_memory_gib" in sized[0]
         lines += [f"RTD training step (generator + discriminator + AdamW), `{size}`, batch {sized[0]['batch']} x "
-                  f"{sized[0]['seq_len']} tokens", ""]  # fmt: skip
+                  f"{sized[0]['seq_len']} tokens{scaling_note(sized[0])}", ""]  # fmt: skip
         lines += [
             "| model | parameters | step s | tokens/s | TFLOP/s |"
             + (" MFU |" if mfu else "")
+            + (" peak GiB |" if peak else "")
             + " vs equal-compute dense |",
-            "| --- | --- | --- | --- | --- |" + (" --- |" if mfu else "") + " --- |",
+            "| --- | --- | --- | --- | --- |"
+            + (" --- |" if mfu else "")
+            + (" --- |" if peak else "")
+            + " --- |",
         ]
         for row in sized:
             versus = (
@@ -487,10 +496,16 @@ def step_table(rows: list[dict]) -> list[str]:
                 f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['step_s']:.3g} | "
                 f"{row['tokens_per_s']:,.0f} | {row['tflops_per_s']:.3g} |"
                 + (f" {row['mfu']:.1%} |" if mfu else "")
+                + (f" {row['peak_memory_gib']:.2f} |" if peak else "")
                 + f" {versus} |"
             )
         lines.append("")
     return lines
+
+
+def scaling_note(row: dict) -> str:
+    """`, --compile, --gradient_checkpointing`: the trainer's scaling flags the step ran with, if any."""
+    return "".join(f", {flag}" for flag in row.get("scaling", []))
 
 
 def markdown(rows: list[dict], data: dict | None, errors: list[dict] = (), skipped_data: bool = False) -> str:
@@ -537,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine_description(device, args.threads),
         mixed_precision=args.mixed_precision,
         compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
         peak_tflops=args.peak_tflops,
         flops_counted=rtd_step_flops.__doc__.split("\n\n", 1)[1].strip(),
         repeats=args.repeats,

@@ -9,12 +9,15 @@ a step never gets more than the time that is left.
 3. `bench/bench_moe.py --device cuda`: Small and Base shapes, E in {8, 16, 64}, k in {1, 2}
 4. `bench/bench_pretrain.py --device cuda`: the RTD step's tokens/s and MFU in bf16, small and base,
    dense, dense-2x, 8x2 and 64x1
-5. `wikitext_trainer.py` small 8x2 bf16 on WikiText-2: checkpoints, is stopped with SIGUSR1 (exit 75),
+5. bench_scaling: `bench/bench_pretrain.py` again at base 8x2 with the trainer's --gradient_checkpointing and
+   --compile (the CPU dry run: checkpointing only; inductor needs minutes on 2 CPU cores), to compare with
+   step 4's base 8x2 row: tokens/s and peak memory
+6. `wikitext_trainer.py` small 8x2 bf16 on WikiText-2: checkpoints, is stopped with SIGUSR1 (exit 75),
    resumes and finishes; then `run_glue.py --bf16` on SST-2 (seeded 8k subsample, 1 epoch) from it
-6. `gpu_check.json` (everything measured) and `gpu_check.md` (a short summary) in the output folder
+7. `gpu_check.json` (everything measured) and `gpu_check.md` (a short summary) in the output folder
 
-Outputs (5 files, all in `--out`): gpu_check.log (every step's output), gpu_check.json, gpu_check.md,
-bench_moe.json, bench_pretrain.json. Runs and checkpoints go to a scratch folder that is deleted.
+Outputs (6 files, all in `--out`): gpu_check.log (every step's output), gpu_check.json, gpu_check.md,
+bench_moe.json, bench_pretrain.json, bench_scaling.json. Runs and checkpoints go to a scratch folder that is deleted.
 
 `--cpu-dry-run` runs the same steps at toy sizes on the CPU (the CUDA tests skip, and the summary says so),
 so that tests/test_gpu_check.py keeps the kit working between GPU runs.
@@ -48,9 +51,9 @@ from run_study import resolve_data  # noqa: E402
 DEFAULT_BUDGET_S = 470
 # Each step's own limit on the GPU, in seconds (the budget left caps it too).
 GPU_TIME_BOX = {"environment": 60, "pytest_cuda": 90, "bench_moe": 90, "bench_pretrain": 90,
-                "pretrain": 150, "glue": 80}  # fmt: skip
+                "bench_scaling": 60, "pretrain": 150, "glue": 80}  # fmt: skip
 DRY_TIME_BOX = {"environment": 60, "pytest_cuda": 60, "bench_moe": 60, "bench_pretrain": 120,
-                "pretrain": 120, "glue": 90}  # fmt: skip
+                "bench_scaling": 90, "pretrain": 120, "glue": 90}  # fmt: skip
 REQUEUE_EXIT_CODE = 75  # wikitext_trainer.py's "checkpointed after a stop signal, run me again"
 RESUMED = re.compile(r"Resumed from \S+ at step (\d+)")
 # A spec-sheet value, not a measurement: NVIDIA's H200 datasheet (nvidia.com/en-us/data-center/h200, H200 SXM)
@@ -196,6 +199,18 @@ def bench_pretrain_command(dry: bool, output: Path) -> list[str]:
                 "dense-2x", "moe8-top2", "moe64-top1", "--repeats", "5", "--warmup", "2"]  # fmt: skip
     peak = ["--peak_tflops", str(H200_BF16_DENSE_TFLOPS)]  # the dry run's MFU only exercises the column
     return ["bench/bench_pretrain.py", *grid, *peak, "--skip_data", "--output", str(output)]
+
+
+def bench_scaling_command(dry: bool, output: Path) -> list[str]:
+    """Base 8x2 with --gradient_checkpointing and --compile (step 4 has it without); the CPU dry run at toy
+    size with checkpointing only (inductor's C++ compile takes minutes on 2 CPU cores)."""
+    if dry:
+        grid = ["--device", "cpu", "--threads", "1", "--sizes", "tiny", "--configs", "moe8-top2", "--batch_size",
+                "2", "--max_seq_length", "32", "--repeats", "1", "--warmup", "0", "--gradient_checkpointing"]  # fmt: skip
+    else:
+        grid = ["--device", "cuda", "--mixed_precision", "bf16", "--sizes", "base", "--configs", "moe8-top2",
+                "--repeats", "5", "--warmup", "2", "--gradient_checkpointing", "--compile"]  # fmt: skip
+    return ["bench/bench_pretrain.py", *grid, "--skip_data", "--output", str(output)]
 
 
 def step_bench(check: Check, step: Step, command: list[str], output: Path) -> None:
@@ -407,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     check = Check(args.out, args.budget_s, DRY_TIME_BOX if args.cpu_dry_run else GPU_TIME_BOX, args.python)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    names = ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "pretrain", "glue"]
+    names = ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "bench_scaling", "pretrain", "glue"]
     steps = {name: Step(name) for name in names}
     run_dir = None
     try:
@@ -428,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "bench_pretrain":
                     output = args.out / "bench_pretrain.json"
                     step_bench(check, step, bench_pretrain_command(args.cpu_dry_run, output), output)
+                elif name == "bench_scaling":
+                    output = args.out / "bench_scaling.json"
+                    step_bench(check, step, bench_scaling_command(args.cpu_dry_run, output), output)
                 elif name == "pretrain":
                     run_dir = step_pretrain(check, step, scratch, data, args.cpu_dry_run)
                 else:

@@ -117,14 +117,17 @@ def test_bench_pretrain_default_grids_and_bad_arguments(capsys):
 @pytest.mark.slow
 def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)  # wiring, not speed
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: compiled.append(fn) or fn)  # wiring, not speed
     output = tmp_path / "pretrain.json"
     argv = ["--sizes", "tiny", "--configs", "dense", "dense-2x", "moe4-top2", "moe4-ec1", "--batch_size", "2"]
     argv += ["--max_seq_length", "16", "--repeats", "1", "--warmup", "0", "--skip_data", "--threads", "1"]
-    assert bench_pretrain.main([*argv, "--peak_tflops", "100", "--compile", "--output", str(output)]) == 0
+    scaling = ["--compile", "--gradient_checkpointing"]
+    assert bench_pretrain.main([*argv, "--peak_tflops", "100", *scaling, "--output", str(output)]) == 0
     payload = json.loads(output.read_text())
     steps = {row["name"]: row for row in payload["steps"]}
-    assert list(steps) == ["dense", "dense-2x", "moe4-top2", "moe4-ec1"] and len(compiled) == 4
+    assert list(steps) == ["dense", "dense-2x", "moe4-top2", "moe4-ec1"]
+    assert len(compiled) == 4 * 2 * 4  # each configuration's generator and discriminator layers (tiny: 4)
+    assert payload["gradient_checkpointing"] and all(row["scaling"] == scaling for row in steps.values())
     assert steps["moe4-top2"]["reference"] == "dense-2x" and steps["moe4-ec1"]["reference"] == "dense"
     assert steps["moe4-top2"]["parameters"] > steps["dense-2x"]["parameters"] > steps["dense"]["parameters"]
     for row in steps.values():
@@ -137,7 +140,10 @@ def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
     assert steps["moe4-top2"]["flops_per_step"] == steps["dense-2x"]["flops_per_step"] + router
     assert steps["moe4-ec1"]["flops_per_step"] == steps["dense"]["flops_per_step"] + router
     table = capsys.readouterr().out
-    assert "`tiny`, batch 2 x 16 tokens" in table and "| TFLOP/s | MFU |" in table
+    assert (
+        "`tiny`, batch 2 x 16 tokens, --compile, --gradient_checkpointing" in table
+        and "| TFLOP/s | MFU |" in table
+    )
     assert payload["peak_tflops"] == 100 and "3 x the forward" in payload["flops_counted"]
     assert bench_pretrain.main([*argv, "--configs", "dense", "--output", str(output)]) == 0
     (row,) = json.loads(output.read_text())["steps"]
