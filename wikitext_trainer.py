@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,7 @@ from run_state import (
     stop_signal_handlers,
     truncate_metrics,
 )
+from runlock import is_main_process, run_lock
 
 logger = logging.getLogger("wikitext_trainer")
 
@@ -914,8 +916,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Installed first: a SIGTERM/SIGUSR1 at any point (even during preprocessing) ends in a checkpoint + 75.
     stop = StopRequest()
+    run_dir = Path(args.model_save_directory) / args.model_save_name
+    # One writer per run folder: under DDP/FSDP only the main process locks.
+    lock = (
+        run_lock(run_dir, "--model_save_directory", "--model_save_name")
+        if is_main_process()
+        else nullcontext()
+    )
     try:
-        with stop_signal_handlers(stop):
+        with stop_signal_handlers(stop), lock:
             return pretrain(args, stop)
     except InputError as error:  # bad input or a full disk: one line; any other error keeps its traceback
         fail(str(error))
