@@ -89,6 +89,7 @@ EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 USAGE_ERROR_EXIT_CODE = 2  # what argparse uses for bad command lines
+MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and enough tokens that 15% masking masks some in every block
 UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
 SIZE_FIELDS = (
     "hidden_size",
@@ -336,9 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_file needs --train_file")
     if not 0 < args.validation_split_percentage < 100:
         parser.error("--validation_split_percentage must lie in (0, 100)")
-    if args.max_seq_length < 3:
-        parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
-    problem = init_flags_error(parser, args) or model_shape_error(args)
+    problem = run_values_error(parser, args) or init_flags_error(parser, args) or model_shape_error(args)
     if problem:
         parser.error(problem)
     if args.model_save_name is None:
@@ -390,6 +389,30 @@ def model_shape_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Values that would run but mislead: a negative learning rate, blocks too short to mask, fp16 on the
+    CPU, MoE flags the chosen layout or router ignores (refused, not stored in the config)."""
+    from modeling_electra_config import ignored_settings_error
+
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        return f"--learning_rate {args.learning_rate} must be > 0"
+    if args.max_seq_length < MIN_SEQ_LENGTH:
+        return (
+            f"--max_seq_length {args.max_seq_length} is too short: a block needs [CLS], [SEP] and enough "
+            f"tokens to mask (--mask_prob {args.mask_prob}); pass {MIN_SEQ_LENGTH} or more"
+        )
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        return "--mixed_precision fp16 needs a CUDA device; on the CPU pass --mixed_precision no or bf16"
+    if (
+        args.init_discriminator_from
+    ):  # the layout comes from the checkpoint (init_flags_error checks the rest)
+        return None
+    given = {
+        name: getattr(args, name) for name in MOE_FIELDS if getattr(args, name) != parser.get_default(name)
+    }
+    return ignored_settings_error(given, args.num_experts, args.router_type)
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """Output folders writable, tokenizer and text files readable: each problem named by its flag."""
     check_writable(Path(args.model_save_directory), "--model_save_directory")
@@ -397,6 +420,10 @@ def check_paths(args: argparse.Namespace) -> None:
     if args.train_tokenizer is None:
         check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
     for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        if path is not None and os.path.isdir(path):
+            raise InputError(
+                f"{flag} {path} is a folder; pass a text file (WikiText layout) or json/csv/parquet"
+            )
         if path is not None and Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
             check_utf8(Path(path), flag)
 
@@ -695,11 +722,12 @@ def build_training_run(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(args.seed, device_specific=True)  # different masks on each process
+    routing = "expert choice" if disc_config.router_type == "expert_choice" else f"top-{disc_config.top_k}"
     logger.info(
-        "discriminator %.2fM parameters (%d experts, top-%d, MoE layers %s); generator %.2fM (hidden %d)",
+        "discriminator %.2fM parameters (%d experts, %s, MoE layers %s); generator %.2fM (hidden %d)",
         discriminator.num_parameters() / 1e6,
         disc_config.num_experts,
-        disc_config.top_k,
+        routing,
         disc_config.moe_layer_indices,
         generator.num_parameters() / 1e6,
         gen_config.hidden_size,
