@@ -99,10 +99,10 @@ def ignored_settings_error(
     if num_experts == 1:
         # top_k 1 is what a dense config stores (one FFN per token), so it is not refused.
         unused = [name for name in given if name in MOE_ONLY_SETTINGS and (name, given[name]) != ("top_k", 1)]
-        why = "num_experts 1 is the dense model (no MoE layer reads them)"
+        why = f"num_experts 1 is the dense model (no MoE layer reads {'it' if len(unused) == 1 else 'them'})"
     else:
         unused = [name for name in given if name in IGNORED_BY_ROUTER.get(router_type, ())]
-        why = f"router_type {router_type} ignores them" + (
+        why = f"router_type {router_type} ignores {'it' if len(unused) == 1 else 'them'}" + (
             " (each expert picks its tokens; their number is set by capacity_factor)"
             if router_type == "expert_choice"
             else ""
@@ -110,7 +110,9 @@ def ignored_settings_error(
     if not unused:
         return None
     names = ", ".join(f"{prefix}{name} {given[name]}" for name in unused)
-    return f"{names}: {why}; drop them, or choose a layout/router that uses them"
+    return (
+        f"{names}: {why}; drop {'it' if len(unused) == 1 else 'them'}, or choose a layout/router that uses it"
+    )
 
 
 @strict
