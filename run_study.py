@@ -22,9 +22,12 @@ rerun at full scale. Each stage runs as its own process with its output shown an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -105,6 +108,8 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
     ),
 }
 SCALARS = (str, int, float, bool, type(None))
+# A model name is a folder name (outputs/<study>/pretrain/<name>, glue/<name>).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -165,8 +170,13 @@ def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, 
 
 
 def script_flags(script: str) -> set[str]:
-    """The long option names (without `--`) of a script's command line, read from the parser its
-    `parse_args` builds (stopped just before it parses)."""
+    """The long option names (without `--`) of a script's command line."""
+    return set(script_actions(script))
+
+
+def script_actions(script: str) -> dict[str, argparse.Action]:
+    """{long option name without `--`: its argparse action} of a script's command line, read from the
+    parser its `parse_args` builds (stopped just before it parses)."""
 
     class Captured(Exception):
         def __init__(self, parser: argparse.ArgumentParser):
@@ -182,7 +192,7 @@ def script_flags(script: str) -> set[str]:
         except Captured as captured:
             actions = captured.parser._actions
             return {
-                option[2:]
+                option[2:]: action
                 for action in actions
                 for option in action.option_strings
                 if option.startswith("--")
@@ -228,14 +238,79 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
     fine_tuned = [label for label, _, _ in glue_runs(study["glue"], models)]
     if baseline is not None and baseline not in fine_tuned:
         raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
+    check_names_and_seeds(study, models)
     if check_flag_names:
-        known = {script: script_flags(script) for script in {script for script, _, _ in flag_sets}}
+        known = {script: script_actions(script) for script in {script for script, _, _ in flag_sets}}
         for script, where, options in flag_sets:
-            for key in options:
+            for key, value in options.items():
                 if key not in known[script]:
                     close = difflib.get_close_matches(key, sorted(known[script]), n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
                     raise ConfigError(f"'{where}.{key}' is not a flag of {script}{hint}")
+                check_flag_type(known[script][key], value, f"{where}.{key}")
+        check_model_flags(study)
+
+
+def check_names_and_seeds(study: dict, models: list[str]) -> None:
+    """Model names that are folder names (each is one), and each seed once (each is one run per cell)."""
+    for name in models:
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"model name '{name}' cannot be a folder name; use letters, digits, '.', '_' and '-' only"
+            )
+    seeds = study["glue"]["seeds"]
+    duplicates = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if duplicates:
+        raise ConfigError(f"'glue.seeds' lists {duplicates} more than once; each seed is one run per cell")
+
+
+def check_flag_type(action: argparse.Action, value: Any, where: str) -> None:
+    """A config value must have the type its flag parses: a switch takes true/false, a numeric flag a
+    number (not a string, which the command line would silently accept), a list only where the flag
+    takes several values."""
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' is a switch: give true or false, got {json.dumps(value)}")
+        return
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if isinstance(value, list) and not many:
+        raise ConfigError(f"'{where}' takes one value, got the list {json.dumps(value)}")
+    kind = action.type if action.type in (int, float) else str
+    for item in value if isinstance(value, list) else [value]:
+        if item is not None and not is_instance(item, kind):
+            raise ConfigError(f"'{where}' must be {TYPE_NAMES[kind]}, got {json.dumps(item)}")
+
+
+def check_model_flags(study: dict) -> None:
+    """Every model's flags through its script's own checks (the config class's model/router checks among
+    them), so a bad value stops the study before its first stage, not at the stage that uses it."""
+    pretrain = study.get("pretrain", {})
+    for name, options in pretrain.get("models", {}).items():
+        flags = {**pretrain.get("common", {}), **pretrain.get("tokenizer", {}), **options}
+        if "init_discriminator_from" not in flags:  # a continued model's architecture is its source's
+            problem = script_error(TRAINER, to_flags(flags))
+            if problem:
+                raise ConfigError(f"'pretrain.models.{name}': {problem}")
+    for name, options in study.get("convert", {}).get("models", {}).items():
+        converter = importlib.import_module(Path(CONVERTER).stem)
+        args = converter.parse_args(["--bert_path", "-", "--output_dir", "-", *to_flags(options)])
+        try:
+            converter.check_moe_flags(args)
+        except ValueError as error:
+            raise ConfigError(f"'convert.models.{name}': {error}") from None
+
+
+def script_error(script: str, argv: list[str]) -> str | None:
+    """The one-line error a script's `parse_args(argv)` reports (without its usage text), or None."""
+    module = importlib.import_module(Path(script).stem)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            module.parse_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["rejected its flags"]
+        return lines[-1].split(": error: ", 1)[-1]
+    return None
 
 
 def load_study(path: Path) -> dict[str, Any]:
