@@ -15,8 +15,8 @@ differences over shared seeds in the table and the notebook). The config is chec
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
 entries map one to one onto the flags of `wikitext_trainer.py` and `run_glue.py`; change them there to
-rerun at full scale. Each stage runs as its own process with its output shown and kept in
-`<output_dir>/logs/<stage>.log`; a failure names the stage and its log.
+rerun at full scale. Each stage runs as its own process with its output kept in `<output_dir>/logs/<stage>.log`
+(the console shows one line per stage, and the end of the log of a stage that fails, naming it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import importlib
 import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
 NOTEBOOK = REPO_ROOT / "glue_evaluation_results_visualizer.ipynb"
 NOTEBOOK_TIMEOUT_S = 600
+LOG_TAIL_LINES = 20  # of a failed stage's log, shown on the console
 # The Hub copies of the data the local layouts hold.
 HUB_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 # Local layout (../shared/data and demo_data): <dir>/wikitext-2/wiki.{train,valid,test}.tokens,
@@ -379,21 +381,21 @@ def available_tasks(tasks: list[str], glue_dir: Path | None) -> list[str]:
 
 
 def run_stage(name: str, command: list[str], log_dir: Path) -> None:
-    """Run one stage, showing its output live and keeping it in `<log_dir>/<name>.log`."""
+    """Run one stage with its output (command line first) in `<log_dir>/<name>.log`; the console gets one
+    line per stage, and the end of the log when the stage fails."""
     log_path = log_dir / f"{name}.log"
-    print(f"\n=== stage {name} ===\n$ {' '.join(command)}", flush=True)
+    print(f"stage {name} (log: {log_path}) ...", end=" ", flush=True)
     start = time.time()
-    with (
-        log_path.open("wb") as log,
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc,
-    ):
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-            log.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-    if proc.returncode != 0:
-        raise StageError(f"stage '{name}' failed with exit status {proc.returncode}; see {log_path}")
-    print(f"=== stage {name} done in {time.time() - start:.0f} s ===", flush=True)
+    with log_path.open("wb") as log:
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        print("failed", flush=True)
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
+        raise StageError(f"stage '{name}' failed with exit status {returncode}; see {log_path}")
+    print(f"done in {time.time() - start:.0f} s", flush=True)
 
 
 def execute_notebook(
@@ -483,7 +485,7 @@ def convert_stages(
     for name, model_options in study["convert"]["models"].items():
         model_dirs[name] = output_dir / "converted" / name
         if args.resume and (model_dirs[name] / "config.json").is_file():
-            print(f"=== stage convert_{name}: finished before, skipped (--resume) ===")
+            print(f"stage convert_{name}: finished before, skipped (--resume)")
             continue
         options = {"bert_path": bert_path, "output_dir": str(model_dirs[name]), **model_options}
         options["overwrite_output_dir"] = True
@@ -502,7 +504,7 @@ def pretrain_stages(
     for name, model_options in pretrain["models"].items():
         model_dirs[name] = model_root / name
         if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
-            print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
+            print(f"stage pretrain_{name}: finished before, skipped (--resume)")
             continue
         options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
         source = converted.get(options.get("init_discriminator_from"))
@@ -544,7 +546,7 @@ def glue_stages(
         if args.resume:
             todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])
             if not todo:
-                print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
+                print(f"stage glue_{label}: finished before, skipped (--resume)")
                 continue
         # One run_glue.py call per group of tasks with the same task_args that lack the same seeds (one call
         # when nothing ran yet and no task has flags of its own).
@@ -568,14 +570,16 @@ def report_stages(
     command += ["--baseline", baseline] if baseline else []
     run_stage("gather", command, output_dir / "logs")
     figure_dir = output_dir / "figures"
-    print("\n=== stage notebook ===", flush=True)
+    print("stage notebook ...", end=" ", flush=True)
     executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
     try:
         execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed, baseline)
     except Exception as error:
+        print("failed", flush=True)
         raise StageError(
             f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
         ) from error
+    print("done", flush=True)
     return figure_dir, executed
 
 
@@ -616,6 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
 
+    gather_log = output_dir / "logs" / "gather.log"  # the results table gather printed
+    table = (
+        [line for line in gather_log.read_text().splitlines() if line.startswith("|")]
+        if gather_log.is_file()
+        else []
+    )
+    print("\n" + "\n".join(table))
     print(f"\nstudy '{args.config.stem}' finished in {(time.time() - start) / 60:.1f} min")
     print(f"  results table: {glue_root / 'glue_results_summary.csv'} (long form: glue_results_long.csv)")
     print(f"  figures:       {figure_dir}/*.png")
