@@ -106,12 +106,13 @@ if [[ $config =~ ^from=(.+)$ ]]; then
     model_args=(--init_discriminator_from "$init_dir" --tokenizer_name "$init_dir")
     described="continued from $init_dir"
 elif [[ $config =~ ^([0-9]+):([0-9]+)(:([a-z_]+))?$ ]]; then
-    check_moe_entry "$config" "$((10#${BASH_REMATCH[1]}))" "$((10#${BASH_REMATCH[2]}))" "${BASH_REMATCH[4]}"
-    model_args=(--num_experts "${BASH_REMATCH[1]}" --top_k "${BASH_REMATCH[2]}")
-    described="${BASH_REMATCH[1]} experts, top-${BASH_REMATCH[2]}"
-    if [[ -n ${BASH_REMATCH[4]} ]]; then
-        model_args+=(--router_type "${BASH_REMATCH[4]}")
-        described+=", ${BASH_REMATCH[4]}"
+    experts=$((10#${BASH_REMATCH[1]})) active=$((10#${BASH_REMATCH[2]})) router=${BASH_REMATCH[4]}
+    check_moe_entry "$config" "$experts" "$active" "$router"
+    model_args=(--num_experts "$experts" --top_k "$active")
+    described="$experts experts, top-$active"
+    if [[ -n $router ]]; then
+        model_args+=(--router_type "$router")
+        described+=", $router"
     fi
 else
     die "CONFIGS entry '$config' is not EXPERTS:ACTIVE[:ROUTER] (e.g. 8:2 or 8:2:expert_choice) or from=DIR"

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 import modeling_electra
 import run_glue
 import runlock
+import wikitext_trainer
 from conftest import REPO_ROOT
 from glue_tasks import glue_run_dir
 from input_checks import InputError
@@ -80,15 +81,16 @@ def test_a_second_pretraining_run_into_one_folder_is_refused_naming_the_first(tm
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         assert wait_for_lock_file(tmp_path / "out" / "run") == str(first.pid)
-        second = subprocess.run([sys.executable, "wikitext_trainer.py", *argv, "--seed", "2"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        stderr = io.StringIO()  # the second run in-process: its checks come before anything heavy
+        with redirect_stderr(stderr), pytest.raises(SystemExit) as refused:
+            wikitext_trainer.main([*argv, "--seed", "2"])
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert second.returncode == 2, second.stderr[-2000:]
-    (line,) = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert refused.value.code == 2
+    (line,) = [line for line in stderr.getvalue().splitlines() if "error:" in line]
     assert f"in use by process {first.pid}" in line and "--model_save_name" in line
-    assert "Traceback" not in second.stderr
+    assert "Traceback" not in stderr.getvalue()
 
 
 def test_a_glue_cell_held_by_another_process_is_refused_before_anything_is_written(tmp_path, vocab_dir):
