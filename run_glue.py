@@ -148,7 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_file", type=Path, help="csv/tsv/json with Hub or original GLUE column names")
     data.add_argument("--validation_file", type=Path)
     data.add_argument("--test_file", type=Path)
-    data.add_argument("--max_seq_length", type=int, default=MAX_SEQ_LENGTH)
+    data.add_argument(
+        "--max_seq_length",
+        type=int,
+        help=f"default {MAX_SEQ_LENGTH}, or the checkpoint's max_position_embeddings if smaller",
+    )
     data.add_argument("--max_train_samples", type=int, help="train on a seeded random subset of this size")
     data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N rows of each dev set")
     data.add_argument("--max_predict_samples", type=int, help="predict the first N rows of each test set")
@@ -414,7 +418,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def check_run_values(args: argparse.Namespace, config_dict: dict[str, Any]) -> None:
     """Values that would run but mislead: duplicate seeds, a run that trains no step, sequences longer than
-    the checkpoint's positions, --bf16 where it has no effect."""
+    the checkpoint's positions, --bf16 where it has no effect. Fills in the default --max_seq_length."""
     duplicates = sorted({seed for seed in args.seed if args.seed.count(seed) > 1})
     if duplicates:
         raise InputError(f"--seed lists {duplicates} more than once; each (task, seed) cell is one run")
@@ -425,8 +429,10 @@ def check_run_values(args: argparse.Namespace, config_dict: dict[str, Any]) -> N
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} {getattr(args, name)} must be >= 1")
-    positions = config_dict.get("max_position_embeddings")
-    if positions is not None and args.max_seq_length > positions:
+    positions = config_dict.get("max_position_embeddings") or MAX_SEQ_LENGTH
+    if args.max_seq_length is None:
+        args.max_seq_length = min(MAX_SEQ_LENGTH, positions)
+    if args.max_seq_length > positions:
         raise InputError(
             f"--max_seq_length {args.max_seq_length} exceeds the checkpoint's max_position_embeddings "
             f"{positions}; pass --max_seq_length {positions} or less"
@@ -694,7 +700,7 @@ def resolve_hyperparameters(
         "classifier_head": getattr(config, "classifier_head", None),
         "double_unordered": args.double_unordered and TASKS[task_name].unordered_pair,
         "target_scale": target_scale(args, TASKS[task_name]),
-        "max_seq_length": args.max_seq_length,
+        "max_seq_length": args.max_seq_length or min(MAX_SEQ_LENGTH, config.max_position_embeddings),
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
         "adam_epsilon": ADAM_EPSILON,
