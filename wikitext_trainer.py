@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
+from modeling_electra_config import MOE_ONLY_SETTINGS
 from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically
 from pretrain_data import (
@@ -118,21 +119,7 @@ TRAINING_ROUTER_FIELDS = (
     "router_z_loss_coef",
     "moe_implementation",
 )
-MOE_FIELDS = (
-    "num_experts",
-    "top_k",
-    "moe_layers",
-    "moe_layer_frequency",
-    "expert_intermediate_size",
-    "capacity_factor",
-    "router_type",
-    "expert_choice_scope",
-    "norm_topk_prob",
-    "router_jitter_noise",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "moe_implementation",
-)
+MOE_FIELDS = ("num_experts", *MOE_ONLY_SETTINGS)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
