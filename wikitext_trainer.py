@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
-from modeling_electra_config import MOE_ONLY_SETTINGS
+from modeling_electra_config import MOE_ONLY_SETTINGS, ignored_settings_error
 from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically
 from pretrain_data import (
@@ -90,7 +90,7 @@ EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 USAGE_ERROR_EXIT_CODE = 2  # what argparse uses for bad command lines
-MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and enough tokens that 15% masking masks some in every block
+MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and room for ELECTRA's masking (int((0.15 + 0.005) x 16) = 2 tokens)
 UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
 SIZE_FIELDS = (
     "hidden_size",
@@ -379,8 +379,6 @@ def model_shape_error(args: argparse.Namespace) -> str | None:
 def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
     """Values that would run but mislead: a negative learning rate, blocks too short to mask, fp16 on the
     CPU, MoE flags the chosen layout or router ignores (refused, not stored in the config)."""
-    from modeling_electra_config import ignored_settings_error
-
     if args.learning_rate is not None and not args.learning_rate > 0:
         return f"--learning_rate {args.learning_rate} must be > 0"
     if args.max_seq_length < MIN_SEQ_LENGTH:
@@ -390,9 +388,7 @@ def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         )
     if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
         return "--mixed_precision fp16 needs a CUDA device; on the CPU pass --mixed_precision no or bf16"
-    if (
-        args.init_discriminator_from
-    ):  # the layout comes from the checkpoint (init_flags_error checks the rest)
+    if args.init_discriminator_from:  # the checkpoint's layout: init_flags_error checks these flags
         return None
     given = {
         name: getattr(args, name) for name in MOE_FIELDS if getattr(args, name) != parser.get_default(name)
