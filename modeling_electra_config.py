@@ -106,6 +106,54 @@ def preset_name(hidden_size: int | None, num_hidden_layers: int | None) -> str |
     return None
 
 
+# Settings only an MoE layer reads; and those one router ignores (expert choice: experts pick their tokens, so
+# no top-k and no load-balancing loss; token choice: no expert-choice scope).
+MOE_ONLY_SETTINGS = (
+    "top_k",
+    "moe_layers",
+    "moe_layer_frequency",
+    "expert_intermediate_size",
+    "capacity_factor",
+    "router_type",
+    "expert_choice_scope",
+    "norm_topk_prob",
+    "router_jitter_noise",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "moe_implementation",
+)
+IGNORED_BY_ROUTER = {
+    "expert_choice": ("top_k", "router_aux_loss_coef"),
+    "softmax_topk": ("expert_choice_scope",),
+    "noisy_topk": ("expert_choice_scope",),
+}
+
+
+def ignored_settings_error(
+    given: dict[str, Any], num_experts: int, router_type: str, prefix: str = "--"
+) -> str | None:
+    """A message naming the explicitly `given` settings (name -> value) that the layout or router would
+    ignore, or None. Such settings are refused rather than stored in a config that does not use them: the
+    trainer, the converter and run_study all call this with the values a user set."""
+    if num_experts == 1:
+        # top_k 1 is what a dense config stores (one FFN per token), so it is not refused.
+        unused = [name for name in given if name in MOE_ONLY_SETTINGS and (name, given[name]) != ("top_k", 1)]
+        why = f"num_experts 1 is the dense model (no MoE layer reads {'it' if len(unused) == 1 else 'them'})"
+    else:
+        unused = [name for name in given if name in IGNORED_BY_ROUTER.get(router_type, ())]
+        why = f"router_type {router_type} ignores {'it' if len(unused) == 1 else 'them'}" + (
+            " (each expert picks its tokens; their number is set by capacity_factor)"
+            if router_type == "expert_choice"
+            else ""
+        )
+    if not unused:
+        return None
+    names = ", ".join(f"{prefix}{name} {given[name]}" for name in unused)
+    return (
+        f"{names}: {why}; drop {'it' if len(unused) == 1 else 'them'}, or choose a layout/router that uses it"
+    )
+
+
 @strict
 class ElectraMoEConfig(ElectraConfig):
     r"""ELECTRA configuration plus the Mixture-of-Experts fields.

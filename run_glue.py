@@ -22,6 +22,8 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,7 @@ from input_checks import (
 from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig, config_kwargs
 from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically, write_json_atomically, write_text_atomically
+from runlock import is_main_process, run_lock
 
 logger = logging.getLogger("run_glue")
 
@@ -147,7 +150,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_file", type=Path, help="csv/tsv/json with Hub or original GLUE column names")
     data.add_argument("--validation_file", type=Path)
     data.add_argument("--test_file", type=Path)
-    data.add_argument("--max_seq_length", type=int, default=MAX_SEQ_LENGTH)
+    data.add_argument(
+        "--max_seq_length",
+        type=int,
+        help=f"default {MAX_SEQ_LENGTH}, or the checkpoint's max_position_embeddings if smaller",
+    )
     data.add_argument("--max_train_samples", type=int, help="train on a seeded random subset of this size")
     data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N rows of each dev set")
     data.add_argument("--max_predict_samples", type=int, help="predict the first N rows of each test set")
@@ -413,6 +420,43 @@ def check_inputs(args: argparse.Namespace) -> None:
     else:
         check_tokenizer_path(checkpoint, "--model_name_or_path", TOKENIZER_FIX_GLUE)
     check_writable(Path(args.output_dir), "--output_dir")
+    check_run_values(args, config_dict)
+
+
+def check_run_values(args: argparse.Namespace, config_dict: dict[str, Any]) -> None:
+    """Values that would run but mislead: duplicate seeds, a run that trains no step, sequences longer than
+    the checkpoint's positions, --bf16 where it has no effect. Fills in the default --max_seq_length."""
+    duplicates = sorted({seed for seed in args.seed if args.seed.count(seed) > 1})
+    if duplicates:
+        raise InputError(f"--seed lists {duplicates} more than once; each (task, seed) cell is one run")
+    if args.do_train and args.num_train_epochs is not None and not args.num_train_epochs > 0:
+        raise InputError(f"--num_train_epochs {args.num_train_epochs} trains no step; pass a number > 0")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise InputError(f"--learning_rate {args.learning_rate} must be > 0")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} {getattr(args, name)} must be >= 1")
+    positions = config_dict.get("max_position_embeddings") or MAX_SEQ_LENGTH
+    if args.max_seq_length is None:
+        args.max_seq_length = min(MAX_SEQ_LENGTH, positions)
+    if args.max_seq_length > positions:
+        raise InputError(
+            f"--max_seq_length {args.max_seq_length} exceeds the checkpoint's max_position_embeddings "
+            f"{positions}; pass --max_seq_length {positions} or less"
+        )
+    if args.bf16 and not torch.cuda.is_available():
+        raise InputError("--bf16 needs a CUDA device (on the CPU runs are fp32); drop --bf16 here")
+
+
+@contextmanager
+def cell_locks(output_dir: Path, model_name: str, runs: list[tuple[str, int]]) -> Iterator[None]:
+    """Hold the lock of every (task, seed) cell this call writes (runlock.py); only the main process locks."""
+    with ExitStack() as stack:
+        if is_main_process():
+            for task_name, seed in runs:
+                cell = glue_run_dir(output_dir, model_name, task_name, seed)
+                stack.enter_context(run_lock(cell, "--output_dir", "--output_dir, --model_name or --seed"))
+        yield
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -654,7 +698,7 @@ def resolve_hyperparameters(
         "classifier_head": getattr(config, "classifier_head", None),
         "double_unordered": args.double_unordered and TASKS[task_name].unordered_pair,
         "target_scale": target_scale(args, TASKS[task_name]),
-        "max_seq_length": args.max_seq_length,
+        "max_seq_length": args.max_seq_length or min(MAX_SEQ_LENGTH, config.max_position_embeddings),
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
         "adam_epsilon": ADAM_EPSILON,
@@ -869,6 +913,10 @@ def run_task(args: argparse.Namespace, task_name: str, seed: int, model_name: st
         )
         if args.do_train:
             train_result = trainer.train()
+            if trainer.state.global_step == 0:
+                raise ValueError(
+                    f"trained no optimizer step ({len(encoded['train'])} examples); nothing kept"
+                )
             save_metrics(tmp_dir, "train", dict(train_result.metrics, train_samples=len(encoded["train"])))
         if args.do_eval:
             evaluate(trainer, task, encoded)
@@ -919,6 +967,12 @@ def run(argv: list[str] | None = None) -> int:
         model_name += RANDOM_INIT_SUFFIX
     runs = [(task, seed) for task in args.tasks for seed in args.seed]
 
+    with cell_locks(args.output_dir, model_name, runs):
+        return run_cells(args, model_name, runs)
+
+
+def run_cells(args: argparse.Namespace, model_name: str, runs: list[tuple[str, int]]) -> int:
+    """Each (task, seed) run in turn; returns the exit status (1 if any failed)."""
     failures: list[tuple[str, int, str]] = []
     for task_name, seed in tqdm(runs, desc="GLUE runs", disable=len(runs) == 1):
         try:

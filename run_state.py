@@ -316,14 +316,23 @@ def check_resume_args(
     record lacks (flags added since) are not compared, except those whose behaviour before the flag
     existed differs from today's default (FLAG_VALUES_BEFORE_THE_FLAG).
     """
-    record = run_dir / TRAINING_ARGS_FILE
-    if not record.is_file():
-        record = checkpoint.parent.parent / TRAINING_ARGS_FILE
-    if not record.is_file():
+    # This folder's record and, for another run's checkpoint, that run's: a checkpoint of another model must
+    # not be loaded into this folder's run (nor rewrite its training_args.json).
+    records = dict.fromkeys(
+        record.resolve()
+        for record in (run_dir / TRAINING_ARGS_FILE, checkpoint.parent.parent / TRAINING_ARGS_FILE)
+        if record.is_file()
+    )
+    if not records:
         logger.warning(
             "No %s to compare the flags with: resuming %s unchecked", TRAINING_ARGS_FILE, checkpoint
         )
-        return
+    for record in records:
+        check_against_record(record, flags, derived)
+
+
+def check_against_record(record: Path, flags: dict[str, Any], derived: dict[str, Any]) -> None:
+    """Every run-defining difference between `record` (a training_args.json) and this run, in one InputError."""
     try:
         saved = json.loads(record.read_text())
     except ValueError as error:

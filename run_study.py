@@ -15,17 +15,20 @@ differences over shared seeds in the table and the notebook). The config is chec
 
 The compute settings of a study (sizes, steps, tasks, seeds, subsamples) live in its JSON config, whose
 entries map one to one onto the flags of `wikitext_trainer.py` and `run_glue.py`; change them there to
-rerun at full scale. Each stage runs as its own process with its output shown and kept in
-`<output_dir>/logs/<stage>.log`; a failure names the stage and its log.
+rerun at full scale. Each stage runs as its own process with its output kept in `<output_dir>/logs/<stage>.log`
+(the console shows one line per stage, and the end of the log of a stage that fails, naming it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -40,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
 NOTEBOOK = REPO_ROOT / "glue_evaluation_results_visualizer.ipynb"
 NOTEBOOK_TIMEOUT_S = 600
+LOG_TAIL_LINES = 20  # of a failed stage's log, shown on the console
 # The Hub copies of the data the local layouts hold.
 HUB_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 # Local layout (../shared/data and demo_data): <dir>/wikitext-2/wiki.{train,valid,test}.tokens,
@@ -111,6 +115,8 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
     ),
 }
 SCALARS = (str, int, float, bool, type(None))
+# A model name is a folder name (outputs/<study>/pretrain/<name>, glue/<name>).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -228,14 +234,127 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
     fine_tuned = [label for label, _, _ in glue_runs(study["glue"], models)]
     if baseline is not None and baseline not in fine_tuned:
         raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
+    check_names_and_seeds(study, models)
     if check_flag_names:
         known = {script: script_flags(script) for script in {script for script, _, _ in flag_sets}}
         for script, where, options in flag_sets:
-            for key in options:
+            for key, value in options.items():
                 if key not in known[script]:
                     close = difflib.get_close_matches(key, sorted(known[script]), n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
                     raise ConfigError(f"'{where}.{key}' is not a flag of {script}{hint}")
+                check_flag_type(script, key, value, f"{where}.{key}")
+        check_model_flags(study)
+
+
+def check_names_and_seeds(study: dict, models: list[str]) -> None:
+    """Model names that are folder names (each is one), and each seed once (each is one run per cell)."""
+    for name in models:
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"model name '{name}' cannot be a folder name; use letters, digits, '.', '_' and '-' only"
+            )
+    seeds = study["glue"]["seeds"]
+    duplicates = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if duplicates:
+        raise ConfigError(f"'glue.seeds' lists {duplicates} more than once; each seed is one run per cell")
+
+
+def parsed_flag(script: str, key: str, value: Any, where: str) -> tuple[Any, list[str]]:
+    """A config option parsed as its command line would be, by the script's own build_argument_parser()
+    (public argparse API only): the parsed value and the words the flag did not take. The script's required
+    flags, named by argparse's own error, get a stand-in value (the first of their choices, if any)."""
+    parser = importlib.import_module(Path(script).stem).build_argument_parser()
+    argv, stand_ins = to_flags({key: value}), {}
+    for _ in range(10):
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                args, rest = parser.parse_known_args(argv + [w for item in stand_ins.items() for w in item])
+            return vars(args).get(key.replace("-", "_")), rest
+        except SystemExit:
+            message = (stderr.getvalue().strip().splitlines() or ["rejected"])[-1].split(": error: ", 1)[-1]
+        required = re.fullmatch(r"the following arguments are required: (.*)", message)
+        choice = re.fullmatch(r"argument (--\w+): invalid choice: .* \(choose from '([^']*)'.*", message)
+        if required and f"--{key}" not in required.group(1).split(", "):
+            stand_ins |= {flag: "-" for flag in required.group(1).split(", ")}
+        elif choice and choice.group(1) in stand_ins:
+            stand_ins[choice.group(1)] = choice.group(2)
+        else:
+            raise ConfigError(f"'{where}': {message}")
+    raise ConfigError(f"'{where}': {script} rejected its stand-in values")
+
+
+def check_flag_type(script: str, key: str, value: Any, where: str) -> None:
+    """A config value must have the type its flag parses: a switch takes true/false, a numeric flag a
+    number (not a string, which the command line would silently accept), a list only where the flag
+    takes several values."""
+    if isinstance(value, bool):
+        try:
+            parsed = parsed_flag(script, key, True, where)[0] if value else True
+        except ConfigError:  # "expected one argument": not a switch
+            parsed = None
+        if not isinstance(parsed, bool):
+            kind = type(parsed_flag(script, key, "1", where)[0])
+            raise ConfigError(f"'{where}' must be {TYPE_NAMES.get(kind, 'a value')}, got {json.dumps(value)}")
+        return
+    parsed, rest = parsed_flag(script, key, value, where)
+    if rest:
+        if isinstance(value, list):
+            raise ConfigError(f"'{where}' takes one value, got the list {json.dumps(value)}")
+        raise ConfigError(f"'{where}' is a switch: give true or false, got {json.dumps(value)}")
+    values = value if isinstance(value, list) else [value]
+    parsed_values = parsed if isinstance(parsed, list) else [parsed]
+    for item, parsed_item in zip(values, parsed_values, strict=False):
+        numeric = isinstance(parsed_item, int | float) and not isinstance(parsed_item, bool)
+        kind = type(parsed_item) if numeric else str
+        if item is not None and not is_instance(item, kind):
+            raise ConfigError(f"'{where}' must be {TYPE_NAMES[kind]}, got {json.dumps(item)}")
+
+
+def model_config_error(argv: list[str]) -> str | None:
+    """ElectraMoEConfig's own checks of the model a pretraining command line describes, through the trainer's
+    config builder (the vocabulary does not exist yet: the tokenizer may be trained by the stage; its size
+    enters no check)."""
+    from pretrain_models import build_model_configs
+
+    try:
+        build_model_configs(importlib.import_module(Path(TRAINER).stem).parse_args(argv), tokenizer_size=1000)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def check_model_flags(study: dict) -> None:
+    """Every model's flags through its script's own checks (the config class's model/router checks among
+    them), so a bad value stops the study before its first stage, not at the stage that uses it."""
+    pretrain = study.get("pretrain", {})
+    for name, options in pretrain.get("models", {}).items():
+        flags = {**pretrain.get("common", {}), **pretrain.get("tokenizer", {}), **options}
+        if "init_discriminator_from" not in flags:  # a continued model's architecture is its source's
+            problem = script_error(TRAINER, to_flags(flags)) or model_config_error(to_flags(flags))
+            if problem:
+                raise ConfigError(f"'pretrain.models.{name}': {problem}")
+    for name, options in study.get("convert", {}).get("models", {}).items():
+        converter = importlib.import_module(Path(CONVERTER).stem)
+        args = converter.parse_args(["--bert_path", "-", "--output_dir", "-", *to_flags(options)])
+        try:
+            converter.check_moe_flags(args)
+        except ValueError as error:
+            raise ConfigError(f"'convert.models.{name}': {error}") from None
+
+
+def script_error(script: str, argv: list[str]) -> str | None:
+    """The one-line error a script's `parse_args(argv)` reports (without its usage text), or None."""
+    module = importlib.import_module(Path(script).stem)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            module.parse_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["rejected its flags"]
+        return lines[-1].split(": error: ", 1)[-1]
+    return None
 
 
 def load_study(path: Path) -> dict[str, Any]:
@@ -304,21 +423,21 @@ def available_tasks(tasks: list[str], glue_dir: Path | None) -> list[str]:
 
 
 def run_stage(name: str, command: list[str], log_dir: Path) -> None:
-    """Run one stage, showing its output live and keeping it in `<log_dir>/<name>.log`."""
+    """Run one stage with its output (command line first) in `<log_dir>/<name>.log`; the console gets one
+    line per stage, and the end of the log when the stage fails."""
     log_path = log_dir / f"{name}.log"
-    print(f"\n=== stage {name} ===\n$ {' '.join(command)}", flush=True)
+    print(f"stage {name} (log: {log_path}) ...", end=" ", flush=True)
     start = time.time()
-    with (
-        log_path.open("wb") as log,
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc,
-    ):
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-            log.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-    if proc.returncode != 0:
-        raise StageError(f"stage '{name}' failed with exit status {proc.returncode}; see {log_path}")
-    print(f"=== stage {name} done in {time.time() - start:.0f} s ===", flush=True)
+    with log_path.open("wb") as log:
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        print("failed", flush=True)
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
+        raise StageError(f"stage '{name}' failed with exit status {returncode}; see {log_path}")
+    print(f"done in {time.time() - start:.0f} s", flush=True)
 
 
 def execute_notebook(
@@ -417,7 +536,7 @@ def convert_stages(
     for name, model_options in study["convert"]["models"].items():
         model_dirs[name] = output_dir / "converted" / name
         if args.resume and (model_dirs[name] / "config.json").is_file():
-            print(f"=== stage convert_{name}: finished before, skipped (--resume) ===")
+            print(f"stage convert_{name}: finished before, skipped (--resume)")
             continue
         options = {"bert_path": bert_path, "output_dir": str(model_dirs[name]), **model_options}
         options["overwrite_output_dir"] = True
@@ -440,7 +559,7 @@ def pretrain_stages(
             fixed_eval = fixed_eval_set_stage(study["fixed_eval"], model_dirs[reference], args, output_dir)
         model_dirs[name] = model_root / name
         if args.resume and finished_run_model(model_root / name):
-            print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
+            print(f"stage pretrain_{name}: finished before, skipped (--resume)")
             continue
         options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options, **fixed_eval}
         source = converted.get(options.get("init_discriminator_from"))
@@ -494,7 +613,7 @@ def glue_stages(
         if args.resume:
             todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])
             if not todo:
-                print(f"=== stage glue_{label}: finished before, skipped (--resume) ===")
+                print(f"stage glue_{label}: finished before, skipped (--resume)")
                 continue
         # One run_glue.py call per group of tasks with the same task_args that lack the same seeds (one call
         # when nothing ran yet and no task has flags of its own).
@@ -518,14 +637,16 @@ def report_stages(
     command += ["--baseline", baseline] if baseline else []
     run_stage("gather", command, output_dir / "logs")
     figure_dir = output_dir / "figures"
-    print("\n=== stage notebook ===", flush=True)
+    print("stage notebook ...", end=" ", flush=True)
     executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
     try:
         execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed, baseline)
     except Exception as error:
+        print("failed", flush=True)
         raise StageError(
             f"stage 'notebook' failed ({type(error).__name__}: {error}); see {executed}"
         ) from error
+    print("done", flush=True)
     return figure_dir, executed
 
 
@@ -608,6 +729,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
 
+    gather_log = output_dir / "logs" / "gather.log"  # the results table gather printed
+    table = (
+        [line for line in gather_log.read_text().splitlines() if line.startswith("|")]
+        if gather_log.is_file()
+        else []
+    )
+    print("\n" + "\n".join(table))
     print(f"\nstudy '{args.config.stem}' finished in {(time.time() - start) / 60:.1f} min")
     print(f"  results table: {glue_root / 'glue_results_summary.csv'} (long form: glue_results_long.csv)")
     print(f"  figures:       {figure_dir}/*.png")

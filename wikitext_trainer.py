@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,6 +28,7 @@ from torch import nn
 import distributed
 from init_checkpoint import check_init_vocabulary, init_flags_error
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
+from modeling_electra_config import MOE_FIELDS, ignored_settings_error
 from optimization import ADAM_BETAS, ADAM_EPSILON, SCHEDULES, make_schedule, optimizer_parameter_groups
 from outputs import write_json_atomically
 from pretrain_data import (
@@ -73,6 +75,7 @@ from run_state import (
     stop_signal_handlers,
     truncate_metrics,
 )
+from runlock import is_main_process, run_lock
 from score_rtd import check_fixed_eval_set, score_fixed_eval_set
 
 logger = logging.getLogger("wikitext_trainer")  # a script: __name__ would be "__main__"
@@ -91,6 +94,7 @@ SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 # The modules that log for this script, each under its own name (the log format shows it).
 LIBRARY_LOGGERS = ("pretrain_data", "pretrain_models", "run_state", "outputs")
+MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and room for ELECTRA's masking (int((0.15 + 0.005) x 16) = 2 tokens)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -104,7 +108,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def build_argument_parser() -> argparse.ArgumentParser:
     """The command line: every flag with its default (an argument table)."""
-    from modeling_electra_config import MOE_FIELDS, PRESETS, SIZE_FIELDS, add_hyperparameter_flags
+    from modeling_electra_config import PRESETS, SIZE_FIELDS, add_hyperparameter_flags
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     data = parser.add_argument_group("data")
@@ -284,10 +288,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_file needs --train_file")
     if not 0 < args.validation_split_percentage < 100:
         parser.error("--validation_split_percentage must lie in (0, 100)")
-    if args.max_seq_length < 3:
-        parser.error("--max_seq_length must leave room for [CLS], a token and [SEP]")
     problem = (
-        init_flags_error(parser, args) or model_shape_error(args) or distributed.scaling_flags_error(args)
+        run_values_error(parser, args)
+        or init_flags_error(parser, args)
+        or model_shape_error(args)
+        or distributed.scaling_flags_error(args)
     )
     if problem:
         parser.error(problem)
@@ -322,6 +327,26 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
+def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Values that would run but mislead: a negative learning rate, blocks too short to mask, fp16 on the
+    CPU, MoE flags the chosen layout or router ignores (refused, not stored in the config)."""
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        return f"--learning_rate {args.learning_rate} must be > 0"
+    if args.max_seq_length < MIN_SEQ_LENGTH:
+        return (
+            f"--max_seq_length {args.max_seq_length} is too short: a block needs [CLS], [SEP] and enough "
+            f"tokens to mask (--mask_prob {args.mask_prob}); pass {MIN_SEQ_LENGTH} or more"
+        )
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        return "--mixed_precision fp16 needs a CUDA device; on the CPU pass --mixed_precision no or bf16"
+    if args.init_discriminator_from:  # the checkpoint's layout: init_flags_error checks these flags
+        return None
+    given = {
+        name: getattr(args, name) for name in MOE_FIELDS if getattr(args, name) != parser.get_default(name)
+    }
+    return ignored_settings_error(given, args.num_experts, args.router_type)
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """Output folders writable, tokenizer and text files readable: each problem named by its flag."""
     check_writable(Path(args.model_save_directory), "--model_save_directory")
@@ -330,6 +355,10 @@ def check_paths(args: argparse.Namespace) -> None:
         check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
     for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
         for path in paths or []:
+            if os.path.isdir(path):
+                raise InputError(
+                    f"{flag} {path} is a folder; pass text files (or a glob) or json/csv/parquet files"
+                )
             if Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
                 check_utf8(Path(path), flag)
 
@@ -450,11 +479,12 @@ def build_training_run(
     model, optimizer = distributed.prepare_training(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
+    routing = "expert choice" if disc_config.router_type == "expert_choice" else f"top-{disc_config.top_k}"
     logger.info(
-        "discriminator %.2fM parameters (%d experts, top-%d, MoE layers %s); generator %.2fM (hidden %d)",
+        "discriminator %.2fM parameters (%d experts, %s, MoE layers %s); generator %.2fM (hidden %d)",
         discriminator.num_parameters() / 1e6,
         disc_config.num_experts,
-        disc_config.top_k,
+        routing,
         disc_config.moe_layer_indices,
         generator.num_parameters() / 1e6,
         gen_config.hidden_size,
@@ -659,8 +689,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Installed first: a SIGTERM/SIGUSR1 at any point (even during preprocessing) ends in a checkpoint + 75.
     stop = StopRequest()
+    run_dir = Path(args.model_save_directory) / args.model_save_name
+    # One writer per run folder: under DDP/FSDP only the main process locks.
+    lock = (
+        run_lock(run_dir, "--model_save_directory", "--model_save_name")
+        if is_main_process()
+        else nullcontext()
+    )
     try:
-        with stop_signal_handlers(stop):
+        with stop_signal_handlers(stop), lock:
             return pretrain(args, stop)
     except InputError as error:  # bad input or a full disk: one line; any other error keeps its traceback
         fail(str(error))

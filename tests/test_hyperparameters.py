@@ -54,10 +54,14 @@ def test_every_declared_field_is_a_trainer_flag_with_the_fields_default():
 
 
 def test_the_flags_reach_the_config_and_the_converter_takes_its_share():
-    args = wt.parse_args(["--model_size", "tiny", "--num_experts", "4", *as_flags(NON_DEFAULT)])
-    disc, _ = wt.build_model_configs(args, 100)
-    for name, value in NON_DEFAULT.items():
-        assert getattr(disc, name) == value, name
+    # expert_choice_scope is refused beside a token-choice router (it would be ignored): its own run.
+    token_choice = {name: value for name, value in NON_DEFAULT.items() if name != "expert_choice_scope"}
+    expert_choice = {"router_type": "expert_choice", "expert_choice_scope": "batch"}
+    for values in (token_choice, expert_choice):
+        args = wt.parse_args(["--model_size", "tiny", "--num_experts", "4", *as_flags(values)])
+        disc, _ = wt.build_model_configs(args, 100)
+        for name, value in values.items():
+            assert getattr(disc, name) == value, name
     converter = convert_bert_checkpoint.parse_args(["--bert_path", "b", "--output_dir", "o", "--top_k", "1"])
     assert converter.top_k == 1 and converter.norm_topk_prob is True
 

@@ -1,5 +1,6 @@
 """The results notebook runs headless on fixture results and saves every figure as a PNG."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 import gather_glue_results
 import run_study
-from glue_results_fixture import make_pretraining_run, make_results_tree
+from glue_results_fixture import SEEDS, make_pretraining_run, make_results_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO_ROOT / "glue_evaluation_results_visualizer.ipynb"
@@ -98,3 +99,40 @@ def test_heatmap_falls_back_to_the_common_tasks_mean(tmp_path):
     assert "no configuration has all 8 GLUE tasks: the heatmap shows the mean over cola sst2 rte" in printed
     assert (tmp_path / "figures" / "glue_score_heatmap.png").is_file()
     assert (tmp_path / "figures" / "glue_paired_difference_rte.png").is_file()
+
+
+# Test-only cells: after the setup cell, record every text drawn on each saved figure; at the end, print them.
+RECORD_TEXTS = """
+import matplotlib.text
+_drawn, _save = {}, save
+def save(fig, name):
+    _drawn[name] = [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    _save(fig, name)
+"""
+PRINT_TEXTS = "print('DRAWN=' + json.dumps(_drawn))"
+
+
+@pytest.mark.slow
+def test_one_seed_is_marked_and_draws_no_interval_or_p_value(tmp_path, monkeypatch):
+    """Every run has one seed: no figure claims an interval or prints a p-value it does not have."""
+    results = make_results_tree(tmp_path / "results")
+    for seed_dir in results.glob("*/*/seed_*"):
+        if seed_dir.name != f"seed_{SEEDS[0]}":
+            shutil.rmtree(seed_dir)
+    assert gather_glue_results.main([str(results)]) == 0
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    setup = next(i for i, cell in enumerate(notebook.cells) if "def save(fig, name)" in cell.source)
+    notebook.cells.insert(setup + 1, nbformat.v4.new_code_cell(RECORD_TEXTS))
+    notebook.cells.append(nbformat.v4.new_code_cell(PRINT_TEXTS))
+    patched = tmp_path / "notebook.ipynb"
+    nbformat.write(notebook, patched)
+    monkeypatch.setattr(run_study, "NOTEBOOK", patched)
+
+    executed = run_study.execute_notebook(
+        results / "glue_results_summary.csv", None, tmp_path / "figures", tmp_path / "executed.ipynb"
+    )
+    printed = stream_text(executed)
+    drawn = json.loads(printed[printed.index("DRAWN=") + len("DRAWN=") :].splitlines()[0])
+    assert not [(name, text) for name, texts in drawn.items() for text in texts if "nan" in text.lower()]
+    assert "n = 1" in drawn["glue_task_scores"]
+    assert any("n = 1: one seed, no interval" in text for text in drawn["glue_paired_difference_rte"])

@@ -141,6 +141,25 @@ def test_resume_with_changed_run_defining_flags_is_refused_listing_each(argv, ki
     assert snapshot(killed_in_final_save) == before, "a refused resume must leave the run untouched"
 
 
+def test_another_runs_checkpoint_is_compared_with_that_runs_record_too(argv, tmp_path, finished):
+    """A folder started with 4 experts (killed before its first checkpoint) resumed from a 2-expert run's
+    checkpoint: its own record matches the flags, the checkpoint's run's does not (issue 27: this loaded the
+    checkpoint into the wrong shapes with a traceback and rewrote training_args.json)."""
+    other = tmp_path / "out" / "other"
+    other.mkdir(parents=True)
+    record = json.loads((finished[0] / "training_args.json").read_text())
+    (other / "training_args.json").write_text(
+        json.dumps({**record, "num_experts": 4, "model_save_name": "other"})
+    )
+    before = snapshot(other)
+    checkpoint = finished[0] / "checkpoints" / "checkpoint-2"
+    result = run_trainer(
+        argv("--num_experts", "4", "--resume_from_checkpoint", str(checkpoint), name="other")
+    )
+    usage_error(result, str((finished[0] / "training_args.json").resolve()), "--num_experts 2 -> 4")
+    assert snapshot(other) == before
+
+
 def test_a_run_recorded_before_the_schedule_and_format_flags_resumes_only_with_what_it_did(
     argv, killed_in_final_save
 ):

@@ -202,9 +202,12 @@ def test_glue_grid_is_models_by_tasks_by_seeds(tmp_path):
     env = {"MODELS": "runs/a/discriminator hub/model-b", "TASKS": "rte stsb cola", "SEEDS": "1 2",
            "PYTHON": sys.executable, "REPO_DIR": str(REPO_ROOT), "DRY_RUN": "1",
            "SLURM_ARRAY_TASK_MAX": "11"}  # fmt: skip
+    (tmp_path / "runs" / "a" / "discriminator").mkdir(parents=True)  # a local MODELS entry must exist
     seen = []
     for index in range(12):
-        done = run_script(GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": str(index)}, "--glue_dir", "data")
+        done = run_script(
+            GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": str(index)}, "--glue_dir", "data", cwd=tmp_path
+        )
         assert done.returncode == 0, done.stderr
         command = done.stdout.splitlines()[-1].split()
         value = {flag: command[command.index(flag) + 1] for flag in ("--model_name", "--task_name", "--seed")}
@@ -213,9 +216,13 @@ def test_glue_grid_is_models_by_tasks_by_seeds(tmp_path):
     expected = [(m, t, s) for m in ("a", "model-b") for t in ("rte", "stsb", "cola") for s in ("1", "2")]
     assert seen == expected
 
-    past = run_script(GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MAX": "20"})
+    past = run_script(
+        GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MAX": "20"}, cwd=tmp_path
+    )
     assert past.returncode == 0 and "nothing to do" in past.stdout
-    short = run_script(GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MAX": "5"})
+    short = run_script(
+        GLUE_SCRIPT, {**env, "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MAX": "5"}, cwd=tmp_path
+    )
     assert short.returncode == USAGE_EXIT_CODE and "--array=6-11" in short.stderr
 
 
