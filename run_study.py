@@ -656,9 +656,9 @@ GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json")
 PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json")
 
 
-def copy_results(output_dir: Path, results_dir: Path, config: Path) -> None:
+def copy_results(output_dir: Path, results_dir: Path, provenance: dict[str, Any]) -> None:
     """Copy the study's per-run result files, gather CSVs and gather log to `results_dir` (replaced whole,
-    atomically), with `study.json`: the config, the command and the commit that produced them."""
+    atomically), with `provenance` as `study.json` (`study_provenance`, taken when the study started)."""
 
     def write(tmp: Path) -> None:
         patterns = [f"glue/*/*/seed_*/{name}" for name in GLUE_RUN_FILES] + ["glue/glue_results_*.csv"]
@@ -669,7 +669,7 @@ def copy_results(output_dir: Path, results_dir: Path, config: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(source.read_bytes())
         tmp.mkdir(exist_ok=True)
-        write_json_atomically(tmp / "study.json", study_provenance(config), indent=2)
+        write_json_atomically(tmp / "study.json", provenance, indent=2)
 
     write_atomically(results_dir, write, replace=True)
 
@@ -714,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    provenance = study_provenance(args.config) if args.results_dir is not None else {}
     start = time.time()
     try:
         model_dirs = convert_stages(study, args, bert_path, output_dir) if "convert" in study else {}
@@ -724,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         curves_dir = output_dir / "pretrain" if "pretrain" in study else None
         figure_dir, executed = report_stages(glue_root, curves_dir, output_dir, study["glue"].get("baseline"))
         if args.results_dir is not None:
-            copy_results(output_dir, args.results_dir, args.config)
+            copy_results(output_dir, args.results_dir, provenance)
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 and of the data pipeline.
 
 The step is `wikitext_trainer.py`'s own: its `build_training_run` builds the models and the objective
-(`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, Gumbel sampling,
+(`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, sampling the replacements,
 discriminator RTD loss x 50, both models' router losses; shared embeddings), AdamW with ELECTRA's parameter
 groups and the schedule, and its `train_step` runs forward, backward, gradient clipping and the AdamW step.
 Per size (`--sizes`, default `small`: batch 128 x 128 tokens; `base`: batch 128 x 512 tokens) it times the
@@ -207,7 +207,7 @@ def rtd_step_flops(
     - the discriminator head on every token: dense h -> h, then h -> 1.
     Forward plus backward is 3 x the forward (the backward computes the gradients of both each matmul's
     input and its weight). Not counted: embedding lookups, layer norms, softmax, activations, biases,
-    dropout, the Gumbel sampling, the losses and the optimizer (elementwise work, not matmuls).
+    dropout, the sampling of replacements, the losses and the optimizer (elementwise work, not matmuls).
     """
     tokens = batch * seq_len
     h, e, v = disc_config.hidden_size, disc_config.embedding_size, disc_config.vocab_size
