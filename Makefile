@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
+# Two workers (pytest-xdist) on a 2-core machine: most tests are single-threaded processes (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(OFFLINE) $(PY) -m pytest
+	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

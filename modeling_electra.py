@@ -114,16 +114,15 @@ class ElectraMoEHeadOutput(ModelOutput):
     experts_per_token: torch.Tensor | None = None
 
 
+# The per-MoE-layer router statistics, named once: the outputs above and RouterOutput carry them under these
+# names, and the pretraining metrics (rtd.py) and TensorBoard tags derive theirs from this tuple.
+ROUTER_STATISTICS = ("expert_load", "router_entropy", "dropped_fraction", "experts_per_token")
+ROUTER_LOSSES = ("aux_loss", "z_loss", "router_loss")
 ROUTER_FIELDS = (
     "router_logits",
-    "aux_loss",
-    "z_loss",
-    "router_loss",
-    "expert_load",
-    "router_entropy",
-    "dropped_fraction",
-    "experts_per_token",
-)
+    *ROUTER_LOSSES,
+    *ROUTER_STATISTICS,
+)  # the outputs' fields after hidden_states
 
 
 @dataclass
@@ -139,7 +138,7 @@ class RouterOutput:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     expert_load: torch.Tensor
-    entropy: torch.Tensor
+    router_entropy: torch.Tensor
     dropped_fraction: torch.Tensor
     experts_per_token: torch.Tensor
 
@@ -437,9 +436,7 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
     """Average the per-layer router losses and stack the per-layer statistics."""
     if not routers:
         zero = torch.zeros((), device=device)
-        return dict(router_logits=None, aux_loss=zero, z_loss=zero, router_loss=zero,
-                    expert_load=None, router_entropy=None, dropped_fraction=None,
-                    experts_per_token=None)  # fmt: skip
+        return dict(dict.fromkeys(ROUTER_FIELDS), **dict.fromkeys(ROUTER_LOSSES, zero))
     aux = torch.stack([r.aux_loss for r in routers]).mean()
     z = torch.stack([r.z_loss for r in routers]).mean()
     return dict(
@@ -447,10 +444,7 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
         aux_loss=aux,
         z_loss=z,
         router_loss=config.router_aux_loss_coef * aux + config.router_z_loss_coef * z,
-        expert_load=torch.stack([r.expert_load for r in routers]),
-        router_entropy=torch.stack([r.entropy for r in routers]),
-        dropped_fraction=torch.stack([r.dropped_fraction for r in routers]),
-        experts_per_token=torch.stack([r.experts_per_token for r in routers]),
+        **{name: torch.stack([getattr(r, name) for r in routers]) for name in ROUTER_STATISTICS},
     )
 
 

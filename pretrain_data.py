@@ -29,7 +29,7 @@ import torch
 from input_checks import InputError
 from outputs import write_atomically
 
-logger = logging.getLogger("wikitext_trainer")
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET_NAME = "Salesforce/wikitext"
 DEFAULT_DATASET_CONFIG = "wikitext-103-raw-v1"

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling_electra import ROUTER_STATISTICS
+
 MASK_PROB = 0.15
 # pretrain_helpers.mask(): 85% of the selected positions become [MASK], the other 15% stay unchanged.
 MASK_TOKEN_FRACTION = 0.85
@@ -212,10 +214,7 @@ def rtd_statistics(
     }
     for prefix, out in (("", disc_out), ("gen_", gen_out)):
         if out.expert_load is not None:
-            stats[f"{prefix}expert_load"] = out.expert_load.detach().float()
-            stats[f"{prefix}router_entropy"] = out.router_entropy.detach().float()
-            stats[f"{prefix}dropped_fraction"] = out.dropped_fraction.detach().float()
-            stats[f"{prefix}experts_per_token"] = out.experts_per_token.detach().float()
+            stats |= {f"{prefix}{name}": getattr(out, name).detach().float() for name in ROUTER_STATISTICS}
     if gen_out.expert_load is not None:
         stats["gen_aux_loss"] = gen_out.aux_loss.detach()
         stats["gen_z_loss"] = gen_out.z_loss.detach()
@@ -264,16 +263,7 @@ class MetricWindow:
             "aux_loss": mean["aux_loss"].item(),
             "z_loss": mean["z_loss"].item(),
         }
-        for name in (
-            "expert_load",
-            "router_entropy",
-            "dropped_fraction",
-            "experts_per_token",
-            "gen_expert_load",
-            "gen_router_entropy",
-            "gen_dropped_fraction",
-            "gen_experts_per_token",
-        ):
+        for name in (*ROUTER_STATISTICS, *(f"gen_{name}" for name in ROUTER_STATISTICS)):
             if name in mean:
                 metrics[name] = mean[name].tolist()
         for name in ("gen_aux_loss", "gen_z_loss"):

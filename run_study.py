@@ -25,13 +25,15 @@ import argparse
 import difflib
 import importlib
 import json
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
+
+from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -168,29 +170,20 @@ def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, 
 
 
 def script_flags(script: str) -> set[str]:
-    """The long option names (without `--`) of a script's command line, read from the parser its
-    `parse_args` builds (stopped just before it parses)."""
+    """The long option names (without `--`) of a script's command line, from its build_argument_parser()."""
+    return option_names(importlib.import_module(Path(script).stem).build_argument_parser())
 
-    class Captured(Exception):
-        def __init__(self, parser: argparse.ArgumentParser):
-            self.parser = parser
 
-    def capture(parser, *args, **kwargs):
-        raise Captured(parser)
-
-    module = importlib.import_module(Path(script).stem)
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
-        try:
-            module.parse_args([])
-        except Captured as captured:
-            actions = captured.parser._actions
-            return {
-                option[2:]
-                for action in actions
-                for option in action.option_strings
-                if option.startswith("--")
-            }
-    raise RuntimeError(f"{script}'s parse_args did not build an argparse parser")
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option a parser takes, aliases included, read from its help text (argparse has no public
+    way to list them): each option's line starts with its option strings, indented 2 columns, and ends
+    where two spaces separate them from the help text."""
+    names = set()
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            invocation = line[2:].split("  ")[0]
+            names |= {word[2:] for word in re.split(r"[ ,]+", invocation) if word.startswith("--")}
+    return names
 
 
 def validate_study(study: Any, check_flag_names: bool = True) -> None:
@@ -363,7 +356,7 @@ def execute_notebook(
     return notebook
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -386,7 +379,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue a stopped study: skip finished models and GLUE runs, resume pretraining checkpoints",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def missing_glue_runs(
@@ -436,7 +433,7 @@ def pretrain_stages(
         if reference in model_dirs and not fixed_eval:
             fixed_eval = fixed_eval_set_stage(study["fixed_eval"], model_dirs[reference], args, output_dir)
         model_dirs[name] = model_root / name
-        if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+        if args.resume and finished_run_model(model_root / name):
             print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
             continue
         options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options, **fixed_eval}
@@ -526,7 +523,7 @@ def report_stages(
     return figure_dir, executed
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
+def check_study_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
     """Everything that can be wrong before a stage runs: (study, BERT checkpoint, output dir, data flags)."""
     study = load_study(args.config)
     bert_path = str(args.bert_path or study.get("convert", {}).get("bert_path") or "") or None
@@ -535,7 +532,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
             f"BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)"
         )
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
-    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
+    if holds_files(output_dir) and not (args.overwrite_output_dir or args.resume):
         raise ConfigError(
             f"{output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir"
         )
@@ -545,10 +542,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        study, bert_path, output_dir, data = check_inputs(args)
+        study, bert_path, output_dir, data = check_study_inputs(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:

@@ -90,7 +90,7 @@ CONFIG_HELP = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     for flag in ("batch_size", "max_seq_length", "peak_tflops"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -212,7 +217,7 @@ def rtd_step_flops(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer():
+def load_bench_tokenizer():
     """ELECTRA's vocabulary from ../shared/data, or just its special-token ids (all the step needs)."""
     if (ELECTRA_VOCAB / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -376,7 +381,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device, save=None) -> tu
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    tokenizer = load_tokenizer()
+    tokenizer = load_bench_tokenizer()
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     rows, errors = [], []
     for size in args.sizes:

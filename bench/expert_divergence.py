@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table  # noqa: E402
 from score_rtd import expert_spread  # noqa: E402
 
@@ -73,7 +74,7 @@ def divergence(dense: dict[int, torch.Tensor], model: dict[int, torch.Tensor]) -
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,7 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dense", type=Path, required=True, help="the dense model the experts were copied from"
     )
     parser.add_argument("--compare", type=Path, nargs="+", required=True, help="saved models, dense or MoE")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": str(model_dir), **row})
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(render_table(pd.DataFrame(rows), floatfmt=".2e"))
     return 0
 

@@ -242,7 +242,7 @@ def test_aux_and_z_losses_match_hand_computation():
     torch.testing.assert_close(router.z_loss, expected_z)
     torch.testing.assert_close(router.expert_load, fraction)
     expected_entropy = -(probs * probs.log()).sum(-1).mean()
-    torch.testing.assert_close(router.entropy, expected_entropy)
+    torch.testing.assert_close(router.router_entropy, expected_entropy)
 
 
 def test_head_loss_includes_weighted_router_losses():
@@ -437,3 +437,13 @@ def test_presets_and_generator_sizes():
     assert gen_moe.num_experts == 8 and gen_moe.expert_intermediate_size == 1024
     with pytest.raises(ValueError, match="model size"):
         ElectraMoEConfig.from_preset("huge")
+
+
+def test_the_outputs_carry_the_router_fields_named_once():
+    from dataclasses import fields
+
+    from modeling_electra import ROUTER_FIELDS, ElectraMoEHeadOutput, ElectraMoEModelOutput
+
+    for output in (ElectraMoEModelOutput, ElectraMoEHeadOutput):
+        names = tuple(f.name for f in fields(output))
+        assert names[names.index("hidden_states") + 1 :] == ROUTER_FIELDS, output.__name__

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 import pretrain_data
 import wikitext_trainer as wt
+from input_checks import EXIT_BAD_INPUT
 from pretrain_utils import SEQ_LEN, TRAIN_FILE, VALID_FILE, trainer_argv
 
 WIKITEXT_SAMPLE = [
@@ -59,7 +60,7 @@ def test_blocks_are_cls_text_sep_cut_from_the_joined_articles(tokenizer):
 
 
 def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="wikitext_trainer")
+    caplog.set_level(logging.INFO, logger="pretrain_data")
     train = tmp_path / "train.txt"
     train.write_text(TRAIN_FILE.read_text())
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--train_file", str(train)))
@@ -162,7 +163,7 @@ def test_bad_input_exits_with_a_message_before_any_model_is_built(
     monkeypatch.setattr(wt, "build_models", must_not_build)
     with pytest.raises(SystemExit) as exit_info:
         wt.main(trainer_argv(tmp_path, vocab_dir, *flags))
-    assert exit_info.value.code == wt.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "run").exists(), "bad input must not leave an output directory"
 
