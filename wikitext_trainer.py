@@ -27,7 +27,9 @@ from torch import nn
 from init_checkpoint import check_init_vocabulary, init_flags_error
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
 from optimization import ADAM_BETAS, ADAM_EPSILON, SCHEDULES, make_schedule, optimizer_parameter_groups
+from outputs import write_json_atomically
 from pretrain_data import (
+    DATA_STATS_FILE,
     DEFAULT_DATASET_CONFIG,
     DEFAULT_DATASET_NAME,
     DEFAULT_TEXT_COLUMN,
@@ -38,15 +40,18 @@ from pretrain_data import (
     VALIDATION_SPLIT_PERCENTAGE,
     WORDPIECE_SPECIAL_TOKENS,
     InputError,
+    MappedColumn,
     batch_tensors,
     describe_data_source,
     epoch_batches,
+    expand_file_patterns,
     load_tokenizer,
     num_examples,
     prepare_blocks,
 )
+from pretrain_documents import DOCUMENT_FORMATS
 from pretrain_models import build_model_configs, build_models, model_shape_error
-from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, MetricWindow
+from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
     REQUEUE_EXIT_CODE,
     StopRequest,
@@ -71,8 +76,7 @@ from score_rtd import check_fixed_eval_set, score_fixed_eval_set
 
 logger = logging.getLogger("wikitext_trainer")  # a script: __name__ would be "__main__"
 
-# --- Optimisation (ELECTRA paper, Table 6) ------------------------------------------------------------------
-LEARNING_RATE_BY_PRESET = {"tiny": 5e-4, "small": 5e-4, "base": 2e-4}
+# --- Optimisation (ELECTRA paper, Table 6; the learning rate per size: modeling_electra_config.ELECTRA_PRETRAINING)
 WEIGHT_DECAY = 0.01
 WARMUP_STEPS = 10_000
 MAX_GRAD_NORM = 1.0
@@ -112,10 +116,21 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help="Hub dataset config (--dataset_subname is the original study's name for it)",
     )
     data.add_argument(
-        "--train_file", help="local training text (WikiText layout, .txt/.tokens/.raw; or json/csv)"
+        "--train_file",
+        nargs="+",
+        help="local training files or glob patterns, all text (.txt/.tokens/.raw) or all json/jsonl/csv/parquet",
     )
     data.add_argument(
-        "--validation_file", help="local validation text; without it a share of --train_file is held out"
+        "--validation_file",
+        nargs="+",
+        help="local validation files or patterns; without them a share of --train_file is held out",
+    )
+    data.add_argument(
+        "--document_format",
+        choices=DOCUMENT_FORMATS,
+        default="auto",
+        help="where documents end: wikitext (' = Title = ' headings), rows (each record or line), "
+        "blank_lines (BERT/ELECTRA text: blank lines between documents); auto infers it and logs why",
     )
     data.add_argument("--text_column_name", default=DEFAULT_TEXT_COLUMN, help="column holding the text")
     data.add_argument(
@@ -183,8 +198,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     objective.add_argument(
         "--mask_prob",
         type=float,
-        default=MASK_PROB,
-        help="share of each sequence's real tokens masked (ELECTRA's fixed count per sequence)",
+        help="share of each sequence's real tokens masked (ELECTRA's fixed count per sequence; "
+        "default: ELECTRA's for the size, 0.15, 0.25 for large)",
     )
     objective.add_argument(
         "--gen_weight", type=float, default=GEN_WEIGHT, help="weight of the generator MLM loss"
@@ -241,6 +256,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fill the defaults that depend on other flags."""
+    from modeling_electra_config import ELECTRA_PRETRAINING
+
     parser = build_argument_parser()
     args = parser.parse_args(argv)
     positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps"]
@@ -251,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_training_steps", "max_eval_blocks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if not 0 < args.mask_prob < 1:
+    if args.mask_prob is not None and not 0 < args.mask_prob < 1:
         parser.error(f"--mask_prob must lie in (0, 1), got {args.mask_prob}")
     if args.warmup_steps < 0 or args.weight_decay < 0 or args.max_grad_norm <= 0:
         parser.error("--warmup_steps and --weight_decay must be >= 0, --max_grad_norm > 0")
@@ -274,8 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model_save_name = default_run_name(args)
     if args.data_cache_dir is None:
         args.data_cache_dir = os.path.join(args.model_save_directory, "data_cache")
-    if args.learning_rate is None:
-        args.learning_rate = LEARNING_RATE_BY_PRESET[args.model_size]
+    args.train_file = expand_file_patterns(args.train_file)
+    args.validation_file = expand_file_patterns(args.validation_file)
+    for name, value in ELECTRA_PRETRAINING[args.model_size].items():
+        if getattr(args, name) is None:  # --learning_rate, --mask_prob: ELECTRA's for the size
+            setattr(args, name, value)
     return args
 
 
@@ -304,9 +324,10 @@ def check_paths(args: argparse.Namespace) -> None:
     check_writable(Path(args.data_cache_dir), "--data_cache_dir")
     if args.train_tokenizer is None:
         check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
-    for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-        if path is not None and Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
-            check_utf8(Path(path), flag)
+    for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        for path in paths or []:
+            if Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
+                check_utf8(Path(path), flag)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,11 +338,12 @@ def check_paths(args: argparse.Namespace) -> None:
 @dataclass
 class PretrainingData:
     tokenizer: Any
-    train_blocks: dict[str, np.ndarray]  # input_ids (and token_type_ids), [examples, max_seq_length]
-    valid_blocks: dict[str, np.ndarray]
+    train_blocks: dict[str, MappedColumn]  # input_ids (and token_type_ids), [examples, max_seq_length]
+    valid_blocks: dict[str, MappedColumn]
     steps_per_epoch: int
     micro_batches_per_epoch: int  # per process
     total_steps: int
+    data_stats: dict[str, Any] = field(default_factory=dict)  # data_stats.json, copied into the run folder
 
 
 def prepare_inputs(
@@ -378,6 +400,7 @@ def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, bloc
         steps_per_epoch=steps_per_epoch,
         micro_batches_per_epoch=steps_per_epoch * args.gradient_accumulation_steps,
         total_steps=args.max_training_steps or args.num_epochs * steps_per_epoch,
+        data_stats=blocks["data_stats"],
     )
 
 
@@ -421,7 +444,7 @@ def build_training_run(
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    set_seed(args.seed, device_specific=True)  # different masks on each process
+    set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
     logger.info(
         "discriminator %.2fM parameters (%d experts, top-%d, MoE layers %s); generator %.2fM (hidden %d)",
         discriminator.num_parameters() / 1e6,
@@ -475,6 +498,7 @@ def evaluate_rtd(
         shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
         for start in range(0, len(shard), batch_size):
             batch = batch_tensors(blocks, shard[start : start + batch_size])
+            batch["example_keys"] = example_keys(seed, 0, shard[start : start + batch_size], "validation")
             window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
     module.train()
     return window.summary(accelerator)
@@ -536,6 +560,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
         )[: data.micro_batches_per_epoch]
         for batch_index in range(state.batch_index, len(batches)):
             batch = batch_tensors(data.train_blocks, batches[batch_index])
+            batch["example_keys"] = example_keys(args.seed, state.global_step, batches[batch_index])
             outputs, grad_norm = train_step(run, accelerator, batch, args.max_grad_norm)
             state.window.add(outputs)
             if grad_norm is None:
@@ -657,6 +682,7 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
         start_run_dir(
             run_dir, args.overwrite_output_dir, dict(vars(args), **derived_values(accelerator, data))
         )
+        write_json_atomically(run_dir / DATA_STATS_FILE, data.data_stats)
         if checkpoint is not None and args.resume_from_checkpoint == "auto":
             set_aside_newer_checkpoints(run_dir, checkpoint)
     accelerator.wait_for_everyone()

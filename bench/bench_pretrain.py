@@ -13,7 +13,7 @@ the top-2 MoE models, same generator) and the study's six MoE configurations (ex
 compute (dense for top-1, dense-2x for top-2): 1.0 = as fast. Step times are the best of the timed rounds
 (medians and every sample are in the JSON), as in bench_moe. Each step's model FLOPs are counted by
 `rtd_step_flops` (its docstring says how); TFLOP/s is that over the step time, and MFU that over
-`--peak_tflops` (on CUDA the H200's measured bf16 dense peak unless given; not shown on CPU unless given).
+`--peak_tflops` (on CUDA the H200 SXM's spec-sheet bf16 dense peak, 989, unless given; not shown on CPU unless given).
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
+import pretrain_documents  # noqa: E402
 import rtd  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
@@ -108,8 +109,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peak_tflops",
         type=float,
-        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200's "
-        "measured bf16 dense peak; on CPU no MFU unless given)",
+        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200 SXM's "
+        "spec-sheet bf16 dense peak; on CPU no MFU unless given)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
@@ -411,7 +412,7 @@ def bench_data(threads: int) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(ELECTRA_VOCAB))
     lines = train.read_text(encoding="utf-8").splitlines()
     start = time.perf_counter()
-    articles = pretrain_data.group_into_articles(lines)
+    articles = list(pretrain_documents.group_into_articles(lines))
     blocks = 0
     for i in range(0, len(articles), pretrain_data.TOKENIZE_BATCH_SIZE):
         batch = {"text": articles[i : i + pretrain_data.TOKENIZE_BATCH_SIZE]}
@@ -440,8 +441,8 @@ def bench_data(threads: int) -> dict | None:
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    cached_tokens = sum(split["input_ids"].size for split in again.values())
-    if cached_tokens != sum(split["input_ids"].size for split in first.values()):
+    cached_tokens = sum(len(again[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation"))
+    if cached_tokens != sum(len(first[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation")):
         raise RuntimeError("the cached reload returned different blocks")
     return dict(
         corpus="WikiText-2 validation (train) + test (validation), ELECTRA uncased vocabulary",

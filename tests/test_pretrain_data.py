@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import pretrain_data
+import pretrain_documents
 import wikitext_trainer as wt
 from input_checks import EXIT_BAD_INPUT
 from pretrain_utils import SEQ_LEN, TRAIN_FILE, VALID_FILE, trainer_argv
@@ -31,7 +32,7 @@ WIKITEXT_SAMPLE = [
 
 
 def test_wikitext_lines_are_grouped_into_articles():
-    articles = pretrain_data.group_into_articles(WIKITEXT_SAMPLE)
+    articles = list(pretrain_documents.group_into_articles(WIKITEXT_SAMPLE))
     assert len(articles) == 2, "sub-headings (= = x = =) must not start an article"
     first = articles[0].split("\n")
     assert first[0] == "Valkyria Chronicles"
@@ -42,7 +43,7 @@ def test_wikitext_lines_are_grouped_into_articles():
 
 
 def test_blocks_are_cls_text_sep_cut_from_the_joined_articles(tokenizer):
-    articles = pretrain_data.group_into_articles(TRAIN_FILE.read_text().splitlines())
+    articles = list(pretrain_documents.group_into_articles(TRAIN_FILE.read_text().splitlines()))
     blocks = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
     assert len(blocks) > 100
     assert all(
@@ -185,17 +186,19 @@ def test_train_tokenizer_builds_a_vocabulary_and_saves_it_with_the_model(tmp_pat
 
 
 def test_valid_file_is_used_as_given(tmp_path, vocab_dir, tokenizer):
-    articles = pretrain_data.group_into_articles(VALID_FILE.read_text().splitlines())
+    articles = list(pretrain_documents.group_into_articles(VALID_FILE.read_text().splitlines()))
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir, "--example_format", "packed"))
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     expected = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
-    assert blocks["validation"]["input_ids"].tolist() == expected
+    assert np.asarray(blocks["validation"]["input_ids"]).tolist() == expected
 
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir))
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     indices = list(range(len(articles)))
     expected = pretrain_data.tokenize_into_examples({"text": articles}, indices, tokenizer, SEQ_LEN)
-    assert {name: array.tolist() for name, array in blocks["validation"].items()} == expected
+    assert {name: np.asarray(array).tolist() for name, array in blocks["validation"].items()} == {
+        name: expected[name] for name in ("input_ids", "token_type_ids")
+    }
 
 
 def test_ranks_together_see_the_single_process_global_batches():
