@@ -11,7 +11,7 @@ from transformers import AutoModelForPreTraining, AutoTokenizer
 
 import score_rtd
 import wikitext_trainer as wt
-from pretrain_utils import read_metrics, trainer_argv
+from pretrain_utils import assert_same_weights, final_weights, read_metrics, trainer_argv
 from rtd import max_predictions_per_seq
 from upcycling import upcycle_dense_to_moe
 
@@ -142,6 +142,9 @@ def test_trainer_scores_the_fixed_set_at_every_evaluation(eval_set, runs, vocab_
     for kind in score_rtd.CORRUPTIONS:
         for name in ("rtd_loss", "auc", "f1"):
             assert validation[1][f"fixed_{kind}_{name}"] == pytest.approx(final[kind][name], abs=1e-6)
+    # Scoring takes no randomness and restores train mode: the run trains exactly as it would without it.
+    assert wt.main(trainer_argv(tmp_path, vocab_dir, *flags[:4], name="plain", cache=cache)) == 0
+    assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "out" / "plain"))
     bad = trainer_argv(
         tmp_path, vocab_dir, "--fixed_eval_set", str(tmp_path / "no.npz"), name="x", cache=cache
     )
