@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 # Two workers (pytest-xdist) on a 2-core machine: most tests are single-threaded processes (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: install
-	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -191,7 +191,7 @@ def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
         logger.warning("%s: no %s beside it; experts and size unknown", results_file, CONFIG_FILE)
         return dict.fromkeys(CONFIG_COLUMNS)
     config = read_json(path)
-    unstated = unstated_moe_fields(config)
+    unstated = unstated_moe_fields(config, ("num_experts",))  # top_k defaults to 1 below for a dense model
     if unstated:
         raise ResultError(f"{path}: electra_moe config without {', '.join(unstated)}")
     num_experts = int(config.get("num_experts", 1))

@@ -49,11 +49,12 @@ def finished_run_model(run_dir: Path) -> Path | None:
     return model if (model / "config.json").is_file() else None
 
 
-def unstated_moe_fields(config: dict[str, Any]) -> list[str]:
-    """The MoE settings an electra_moe config.json lacks: each must be stated, not fall back to a default."""
+def unstated_moe_fields(config: dict[str, Any], fields: tuple[str, ...] = STATED_MOE_FIELDS) -> list[str]:
+    """The MoE settings (`fields`) an electra_moe config.json lacks: each must be stated, not fall back to a
+    default."""
     if config.get("model_type") != "electra_moe":
         return []
-    return [key for key in STATED_MOE_FIELDS if key not in config]
+    return [key for key in fields if key not in config]
 
 
 def check_writable(path: Path, flag: str) -> None:
