@@ -264,8 +264,14 @@ def build_argument_parser() -> HfArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Model and data flags as attributes, the TrainingArguments as `.training`; bad flags exit 2."""
     parser = build_argument_parser()
+    parsed = vars(parser.parse_args(argv))
+    model, data = (
+        cls(**{f.name: parsed[f.name] for f in fields(cls)}) for cls in (ModelArguments, DataArguments)
+    )
     try:
-        model, data, training = parser.parse_args_into_dataclasses(args=argv)
+        training = GlueTrainingArguments(
+            **{f.name: parsed[f.name] for f in fields(GlueTrainingArguments) if f.init}
+        )
     except ValueError as error:  # TrainingArguments' own checks
         parser.error(str(error).splitlines()[0])
     args = argparse.Namespace(**vars(model), **vars(data), training=training)
@@ -496,16 +502,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
+def check_inputs(args: argparse.Namespace, workdir: Path) -> GlueCheckpoint:
+    """Checkpoint (resolved once, here), tokenizer and output directory, before anything is written."""
+    checkpoint = resolve_glue_checkpoint(
+        args.model_name_or_path, args.tokenizer_name, args.allow_generator, workdir
+    )
+    check_writable(Path(args.training.output_dir), "--output_dir")
+    return checkpoint
+
+
 def run(argv: list[str] | None, stop: StopRequest, command: list[str], workdir: Path) -> int:
     """Every (task, seed) run; a failed run is logged and the others go on (exit 1 if any failed)."""
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
-    checkpoint = resolve_glue_checkpoint(
-        args.model_name_or_path, args.tokenizer_name, args.allow_generator, workdir
-    )
-    check_writable(Path(args.training.output_dir), "--output_dir")
+    checkpoint = check_inputs(args, workdir)
     model_name = args.model_name or default_model_name(args.model_name_or_path)
     if args.random_init and not args.model_name:
         model_name += RANDOM_INIT_SUFFIX
