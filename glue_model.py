@@ -28,6 +28,7 @@ import modeling_electra  # noqa: F401  (registers model_type "electra_moe" with 
 from glue_tasks import DIAGNOSTIC_TASK, GlueTask
 from input_checks import InputError, check_tokenizer_path, looks_like_local_path
 from modeling_electra_config import ElectraMoEConfig
+from run_state import MODEL_CONFIG_DIR, TRAINING_ARGS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ TOKENIZER_FIX_GLUE = (
     "pass --tokenizer_name with the tokenizer it was pretrained with, e.g. ../shared/data/electra-vocab"
 )
 PRETRAINING_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# A pretraining run's discriminator config and tokenizer, saved when the run starts (run_state.MODEL_CONFIG_DIR).
-MODEL_CONFIG_DIR = "model_config"
 # accelerate's model file in a pretraining checkpoint (pickled, or safetensors).
 CHECKPOINT_MODEL_FILES = ("pytorch_model.bin", "model.safetensors")
 DISCRIMINATOR_PREFIX = "discriminator."
@@ -110,7 +109,7 @@ def pretraining_run_model(path: Path) -> str:
 
 def finished_run_steps(run: Path) -> int | None:
     """The optimizer steps a finished pretraining run took (its training_args.json), if it says."""
-    args_file = run / "training_args.json"
+    args_file = run / TRAINING_ARGS_FILE
     if not args_file.is_file():
         return None
     return json.loads(args_file.read_text()).get("total_steps")

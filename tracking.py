@@ -19,6 +19,7 @@ REPORT_TO_CHOICES = ("tensorboard", "wandb", "all", "none")
 TRACKERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_PROJECT = "electra-moe"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def trackers(report_to: str | list[str] | None) -> list[str]:
@@ -46,18 +47,25 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def accelerate_init_kwargs(names: list[str], run_dir: Path, run_name: str) -> dict[str, Any]:
-    """`init_kwargs` for accelerate's init_trackers: W&B resumes the run folder's own run id."""
-    if "wandb" not in names:
-        return {}
-    return {
-        "wandb": {
-            "id": wandb_run_id(run_dir),
-            "resume": "allow",
-            "name": run_name,
-            "dir": str(run_dir),
-        }
-    }
+def start_trackers(accelerator: Any, report_to: str, run_dir: Path, run_name: str) -> None:
+    """Start the pretraining run's trackers on the main process: TensorBoard in `<run_dir>/tensorboard/`
+    (as before the flag), W&B in project $WANDB_PROJECT (default electra-moe) under the run folder's own
+    run id, resumed after a requeue."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    if not accelerator.is_main_process:
+        return
+    started = []
+    for name in trackers(report_to):
+        if name == "tensorboard":
+            started.append(TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)))
+        else:
+            project = os.environ.get("WANDB_PROJECT", WANDB_PROJECT)
+            run_id = wandb_run_id(run_dir)
+            started.append(WandBTracker(project, id=run_id, resume="allow", name=run_name, dir=str(run_dir)))
+    # accelerate starts the tracker objects it is given; its own names would share one project name.
+    accelerator.log_with = started
+    accelerator.init_trackers(TENSORBOARD_DIR)
 
 
 @contextmanager
