@@ -25,9 +25,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Pret
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import modeling_electra  # noqa: F401  (registers model_type "electra_moe" with the Auto classes)
+from flops import rtd_step_flops
 from glue_tasks import DIAGNOSTIC_TASK, GlueTask
 from input_checks import InputError, check_tokenizer_path, looks_like_local_path
-from modeling_electra_config import ElectraMoEConfig
+from modeling_electra_config import ElectraMoEConfig, make_generator_config
+from rtd import MASK_PROB
 from run_state import MODEL_CONFIG_DIR, TRAINING_ARGS_FILE
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class GlueCheckpoint:
     tokenizer: str  # tokenizer folder or Hub id
     pretraining_run: str | None = None  # the pretraining run folder, when there is one
     pretraining_step: int | None = None  # the pretraining step of these weights, when known
+    pretraining_step_flops: float | None = None  # model FLOPs of one step of that run (flops.rtd_step_flops)
 
     def describe(self) -> dict[str, Any]:
         """For run_config.json."""
@@ -63,7 +66,15 @@ class GlueCheckpoint:
             "tokenizer": self.tokenizer,
             "pretraining_run": self.pretraining_run,
             "pretraining_step": self.pretraining_step,
+            "pretraining_flops": self.pretraining_flops,
         }
+
+    @property
+    def pretraining_flops(self) -> float | None:
+        """Training FLOPs spent on these weights: steps x FLOPs per step (full sequences, no padding)."""
+        if self.pretraining_step is None or self.pretraining_step_flops is None:
+            return None
+        return self.pretraining_step * self.pretraining_step_flops
 
 
 def resolve_glue_checkpoint(
@@ -86,6 +97,7 @@ def resolve_glue_checkpoint(
             tokenizer=folder,
             pretraining_run=str(run) if run else None,
             pretraining_step=finished_run_steps(run) if run else None,
+            pretraining_step_flops=pretraining_step_flops(run) if run else None,
         )
     refuse_generator(record.path, record.config, allow_generator)
     check_moe_config_is_explicit(record.path, record.config)
@@ -113,6 +125,25 @@ def finished_run_steps(run: Path) -> int | None:
     if not args_file.is_file():
         return None
     return json.loads(args_file.read_text()).get("total_steps")
+
+
+def pretraining_step_flops(run: Path) -> float | None:
+    """Model FLOPs of one optimizer step of pretraining run `run` (all processes), from its
+    training_args.json and saved configs; None when the run does not record them."""
+    args_file = run / TRAINING_ARGS_FILE
+    spec = next(
+        (d for d in (run / "discriminator", run / MODEL_CONFIG_DIR) if (d / "config.json").is_file()), None
+    )
+    if not args_file.is_file() or spec is None:
+        return None
+    args = json.loads(args_file.read_text())
+    disc = ElectraMoEConfig.from_pretrained(spec)
+    if (run / "generator" / "config.json").is_file():
+        gen = ElectraMoEConfig.from_pretrained(run / "generator")
+    else:
+        gen = make_generator_config(disc, args.get("generator_size"), args.get("generator_moe", False))
+    batch = args["batch_size"] * args.get("gradient_accumulation_steps", 1) * args.get("num_processes", 1)
+    return rtd_step_flops(disc, gen, batch, args["max_seq_length"], args.get("mask_prob", MASK_PROB))
 
 
 def discriminator_from_checkpoint(checkpoint: Path, step: int, workdir: Path) -> GlueCheckpoint:
@@ -157,6 +188,7 @@ def discriminator_from_checkpoint(checkpoint: Path, step: int, workdir: Path) ->
         tokenizer=str(spec),
         pretraining_run=str(run),
         pretraining_step=step,
+        pretraining_step_flops=pretraining_step_flops(run),
     )
 
 

@@ -461,6 +461,7 @@ def run_task(
         "checkpoint": checkpoint.path,
         "checkpoint_record": checkpoint.describe(),
         "pretraining_step": checkpoint.pretraining_step,
+        "pretraining_flops": checkpoint.pretraining_flops,
         "model_class": type(model).__name__,
         "random_init": args.random_init,
         "num_parameters": sum(p.numel() for p in model.parameters()),

@@ -6,10 +6,12 @@ import os
 import signal
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import gather_glue_results
 import glue_model
 import run_glue
 import run_state
@@ -107,8 +109,19 @@ def test_run_glue_fine_tunes_an_intermediate_checkpoint(pretraining_run, tmp_pat
     run_dir = tmp_path / "run_step2" / "wnli" / "seed_1"
     run_config = json.loads((run_dir / "run_config.json").read_text())
     assert run_config["pretraining_step"] == 2
+    step_flops = glue_model.pretraining_step_flops(pretraining_run)
+    assert step_flops > 0 and run_config["pretraining_flops"] == pytest.approx(2 * step_flops)
     assert run_config["checkpoint_record"]["pretraining_run"] == str(pretraining_run)
     assert "eval_accuracy" in json.loads((run_dir / "eval_results.json").read_text())
+    # gather carries the pretraining run, step, FLOPs and the commit into its CSVs.
+    assert gather_glue_results.main([str(tmp_path)]) == 0
+    scores = pd.read_csv(tmp_path / gather_glue_results.SCORES_CSV)
+    row = scores.iloc[0]
+    assert (row["model"], row["pretrained_model"], row["pretraining_step"]) == ("run_step2", "run", 2)
+    assert row["pretraining_flops"] == pytest.approx(run_config["pretraining_flops"])
+    commit = json.loads((run_dir / PROVENANCE_FILE).read_text())["git_commit"]
+    assert commit and row["git_commit"] == commit
+    assert pd.read_csv(tmp_path / gather_glue_results.SUMMARY_CSV).iloc[0]["git_commit"] == commit
 
 
 def test_a_checkpoint_without_a_model_config_is_refused(pretraining_run, tmp_path):
