@@ -130,3 +130,32 @@ def test_a_checkpoint_without_a_model_config_is_refused(pretraining_run, tmp_pat
     (orphan / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(run_glue.InputError, match="model_config/config.json"):
         glue_model.resolve_glue_checkpoint(str(orphan), None, False, tmp_path)
+
+
+@pytest.mark.slow
+def test_notebook_draws_glue_score_against_pretraining_step_and_flops(tmp_path):
+    import run_study
+    from glue_results_fixture import add_learning_curve_runs, make_results_tree
+
+    results = add_learning_curve_runs(make_results_tree(tmp_path / "results"))
+    assert gather_glue_results.main([str(results)]) == 0
+    scores = pd.read_csv(results / gather_glue_results.SCORES_CSV)
+    assert set(scores.dropna(subset=["pretraining_step"])["pretrained_model"]) == {"curve_dense", "curve_moe"}
+    figures = tmp_path / "figures"
+    notebook = run_study.execute_notebook(
+        results / "glue_results_summary.csv", None, figures, tmp_path / "run.ipynb"
+    )
+    assert (figures / "glue_learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    shown = "".join(
+        output.get("data", {}).get("text/plain", "")
+        for cell in notebook.cells
+        if "glue_learning_curves" in cell.source
+        for output in cell.get("outputs", [])
+    )
+    rows = [line.split() for line in shown.splitlines()[1:]]
+    # run, step, flops, mean, std, n, ...: the dense run has two seeds (an interval), the MoE run one.
+    points = sorted((row[1], float(row[2]), int(row[6])) for row in rows)
+    expected = [
+        (run, step, n) for run, n in (("curve_dense", 2), ("curve_moe", 1)) for step in (100, 200, 300)
+    ]
+    assert points == sorted(expected)

@@ -38,7 +38,9 @@ NUM_STEPS = 40
 STUDY_TIMEOUT_S = 900
 SIGNAL_AFTER_STEP = 2  # the first metrics line; signalled runs are then well short of NUM_STEPS
 SIGNALLED_GLUE_EPOCHS = 30
-SIGNALLED_GLUE_STEPS = SIGNALLED_GLUE_EPOCHS * 3  # RTE's 12 fixture rows in batches of 4; a checkpoint every 2
+SIGNALLED_GLUE_STEPS = (
+    SIGNALLED_GLUE_EPOCHS * 3
+)  # RTE's 12 fixture rows in batches of 4; a checkpoint every 2
 TINY_PRETRAIN_ARGS = [
     "--model_size", "tiny", "--max_seq_length", "32", "--batch_size", "4",
     "--max_training_steps", str(NUM_STEPS), "--logging_steps", "2",
