@@ -8,31 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import glue_training
-import modeling_electra
 import run_glue
-from modeling_electra_config import ElectraMoEConfig
+import test_run_glue
 from provenance import PROVENANCE_FILE
 from run_state import REQUEUE_EXIT_CODE
+from test_run_glue import GLUE_FIXTURES
 
-GLUE_FIXTURES = Path(__file__).parent / "fixtures" / "glue"
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, embedding_size=32,
-            max_position_embeddings=128)  # fmt: skip
+moe_checkpoint = test_run_glue.moe_checkpoint  # the fixture: a tiny 4-expert checkpoint, made once a session
 # Keys of eval_results.json that depend on the wall clock, not on the model.
 TIMING = ("runtime", "per_second")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, vocab_dir) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
-    torch.manual_seed(0)
-    config = ElectraMoEConfig(vocab_size=tokenizer.vocab_size, num_experts=4, top_k=2, **TINY)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_moe"
-    modeling_electra.ElectraMoEForPreTraining(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def glue(checkpoint: Path, output_dir: Path, *extra: str) -> int:
@@ -60,7 +46,8 @@ def model_metrics(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_matches_an_uninterrupted_one(checkpoint, tmp_path, monkeypatch):
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(moe_checkpoint, tmp_path, monkeypatch):
+    checkpoint = moe_checkpoint
     torch.set_num_threads(1)
     assert glue(checkpoint, tmp_path / "whole") == 0
     whole = tmp_path / "whole" / "tiny_moe" / "rte" / "seed_3"
@@ -96,7 +83,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(checkpoint, tmp_pa
 
 
 @pytest.mark.slow
-def test_wandb_run_id_survives_a_stop_and_resume(checkpoint, tmp_path, monkeypatch):
+def test_wandb_run_id_survives_a_stop_and_resume(moe_checkpoint, tmp_path, monkeypatch):
+    checkpoint = moe_checkpoint
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
