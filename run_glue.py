@@ -234,10 +234,6 @@ class GlueTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-# Our own fields, which the per-run TrainingArguments do not take.
-GLUE_ONLY_FIELDS = ("layerwise_lr_decay", "lr_schedule", "overwrite_output_dir", "save_model")
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every flag's default."""
 
@@ -412,8 +408,9 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def start_run_dir(run_dir: Path, overwrite: bool, command: list[str]) -> Path | None:
-    """Create the run folder (or keep an unfinished one); returns the checkpoint to resume from, if any."""
-    if is_finished(run_dir) and overwrite:
+    """Create the run folder, or keep an unfinished one to resume (with `overwrite`: start it afresh, as its
+    checkpoints may be another model's); returns the checkpoint to resume from, if any."""
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_provenance(run_dir, command)

@@ -488,7 +488,8 @@ def glue_stages(
         **glue.get("args", {}),
         **glue_data,
         "output_dir": str(glue_root),
-        "overwrite_output_dir": True,
+        # --resume continues unfinished GLUE runs from their checkpoints; otherwise every run starts afresh.
+        "overwrite_output_dir": not args.resume,
     }
     task_args = glue.get("task_args", {})
     for label, name, random_init, step in glue_runs(glue, list(model_dirs)):
