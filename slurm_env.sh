@@ -3,6 +3,7 @@
 # they find this file through the repository directory, not their own path). Expects `die` and the
 # script's arguments; activates the environment given as $1 (a conda env name or a venv directory, as the
 # original scripts took it) or CONDA_ENV / VENV, shifts it off, and sets `python_bin` and `extra_args`.
+# Defines `run_requeueable` (below), which both scripts run their Python process with.
 
 activate_env() {
     local target=$1
