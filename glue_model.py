@@ -27,8 +27,14 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 import modeling_electra  # noqa: F401  (registers model_type "electra_moe" with the Auto classes)
 from flops import rtd_step_flops
 from glue_tasks import DIAGNOSTIC_TASK, GlueTask
-from input_checks import InputError, check_tokenizer_path, looks_like_local_path
-from modeling_electra_config import ElectraMoEConfig, make_generator_config
+from input_checks import (
+    InputError,
+    check_tokenizer_path,
+    finished_run_model,
+    looks_like_local_path,
+    unstated_moe_fields,
+)
+from modeling_electra_config import ElectraMoEConfig, config_kwargs, make_generator_config
 from rtd import MASK_PROB
 from run_state import MODEL_CONFIG_DIR, TRAINING_ARGS_FILE
 
@@ -110,13 +116,19 @@ def resolve_glue_checkpoint(
 
 def pretraining_run_model(path: Path) -> str:
     """A pretraining run dir (with discriminator/) resolves to its discriminator; anything else is as given."""
-    if (
-        path.is_dir()
-        and not (path / "config.json").is_file()
-        and (path / "discriminator" / "config.json").is_file()
-    ):
-        return str(path / "discriminator")
+    model = finished_run_model(path)
+    if model is not None and not (path / "config.json").is_file():
+        return str(model)
     return str(path)
+
+
+def run_model_spec(run: Path) -> Path | None:
+    """The folder with a pretraining run's discriminator config and tokenizer: discriminator/ once finished,
+    else model_config/ (written when the run starts); None for a run that has neither."""
+    finished = finished_run_model(run)
+    if finished is not None:
+        return finished
+    return run / MODEL_CONFIG_DIR if (run / MODEL_CONFIG_DIR / "config.json").is_file() else None
 
 
 def finished_run_steps(run: Path) -> int | None:
@@ -131,9 +143,7 @@ def pretraining_step_flops(run: Path) -> float | None:
     """Model FLOPs of one optimizer step of pretraining run `run` (all processes), from its
     training_args.json and saved configs; None when the run does not record them."""
     args_file = run / TRAINING_ARGS_FILE
-    spec = next(
-        (d for d in (run / "discriminator", run / MODEL_CONFIG_DIR) if (d / "config.json").is_file()), None
-    )
+    spec = run_model_spec(run)
     if not args_file.is_file() or spec is None:
         return None
     args = json.loads(args_file.read_text())
@@ -149,9 +159,7 @@ def pretraining_step_flops(run: Path) -> float | None:
 def discriminator_from_checkpoint(checkpoint: Path, step: int, workdir: Path) -> GlueCheckpoint:
     """Save the discriminator of pretraining checkpoint-N as a model folder under `workdir`."""
     run = checkpoint.parent.parent
-    spec = next(
-        (d for d in (run / "discriminator", run / MODEL_CONFIG_DIR) if (d / "config.json").is_file()), None
-    )
+    spec = run_model_spec(run)
     if spec is None:
         raise InputError(
             f"--model_name_or_path {checkpoint}: the run folder {run} has neither discriminator/config.json nor "
@@ -231,12 +239,9 @@ def refuse_generator(checkpoint: str, config_dict: dict[str, Any], allowed: bool
 
 def check_moe_config_is_explicit(checkpoint: str, config_dict: dict[str, Any]) -> None:
     """An electra_moe config.json must state its MoE settings: a missing field must not fall back to a default."""
-    if config_dict.get("model_type") == "electra_moe":
-        missing = [key for key in ("num_experts", "top_k") if key not in config_dict]
-        if missing:
-            raise InputError(
-                f"{checkpoint}/config.json has model_type electra_moe but no {missing}; re-save it"
-            )
+    missing = unstated_moe_fields(config_dict)
+    if missing:
+        raise InputError(f"{checkpoint}/config.json has model_type electra_moe but no {missing}; re-save it")
 
 
 def default_model_name(name_or_path: str) -> str:
@@ -293,10 +298,7 @@ def classification_config(checkpoint: GlueCheckpoint, task: GlueTask, head: str 
     if head is None:
         return config
     if config.model_type == "electra" and head == "electra":
-        fields = config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version"):
-            fields.pop(key, None)
-        return ElectraMoEConfig(**fields, num_experts=1, classifier_head=head)
+        return ElectraMoEConfig(**config_kwargs(config), num_experts=1, classifier_head=head)
     if config.model_type == "electra_moe":
         config.classifier_head = head
     return config

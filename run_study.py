@@ -28,13 +28,16 @@ import argparse
 import difflib
 import importlib
 import json
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
+
+from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
+from outputs import write_atomically, write_json_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -83,6 +86,7 @@ class ListOf:
 
 
 TRAINER, CONVERTER, FINETUNER = "wikitext_trainer.py", "convert_bert_checkpoint.py", "run_glue.py"
+SCORER, FIXED_EVAL_SET = "score_rtd.py", Path("fixed_eval") / "rtd_eval.npz"
 SCHEMA: dict[str, tuple[Any, bool]] = {
     "description": (str, False),
     "pretrain": (
@@ -94,6 +98,8 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
         False,
     ),
     "convert": ({"bert_path": (str, False), "models": (Named(CONVERTER), True)}, False),
+    # score_rtd.py's fixed evaluation set, built from `reference` (a pretrain model, pretrained first)
+    "fixed_eval": ({"reference": (str, True), "max_examples": (int, False), "seed": (int, False)}, False),
     "glue": (
         {
             "tasks": (ListOf(str), True),
@@ -169,29 +175,20 @@ def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, 
 
 
 def script_flags(script: str) -> set[str]:
-    """The long option names (without `--`) of a script's command line, read from the parser its
-    `parse_args` builds (stopped just before it parses)."""
+    """The long option names (without `--`) of a script's command line, from its build_argument_parser()."""
+    return option_names(importlib.import_module(Path(script).stem).build_argument_parser())
 
-    class Captured(Exception):
-        def __init__(self, parser: argparse.ArgumentParser):
-            self.parser = parser
 
-    def capture(parser, *args, **kwargs):
-        raise Captured(parser)
-
-    module = importlib.import_module(Path(script).stem)
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
-        try:
-            module.parse_args([])
-        except Captured as captured:
-            actions = captured.parser._actions
-            return {
-                option[2:]
-                for action in actions
-                for option in action.option_strings
-                if option.startswith("--")
-            }
-    raise RuntimeError(f"{script}'s parse_args did not build an argparse parser")
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option a parser takes, aliases included, read from its help text (argparse has no public
+    way to list them): each option's line starts with its option strings, indented 2 columns, and ends
+    where two spaces separate them from the help text."""
+    names = set()
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            invocation = line[2:].split("  ")[0]
+            names |= {word[2:] for word in re.split(r"[ ,]+", invocation) if word.startswith("--")}
+    return names
 
 
 def validate_study(study: Any, check_flag_names: bool = True) -> None:
@@ -221,6 +218,9 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
                 f"'pretrain.models.{name}.init_discriminator_from': '{source}' is neither a converted model "
                 f"{list(converted)} nor a directory"
             )
+    reference = study.get("fixed_eval", {}).get("reference")
+    if reference is not None and reference not in study.get("pretrain", {}).get("models", {}):
+        raise ConfigError(f"'fixed_eval.reference': '{reference}' is not one of the pretrain models")
     for task in study["glue"].get("task_args", {}):
         if task not in study["glue"]["tasks"]:
             raise ConfigError(f"'glue.task_args': '{task}' is not one of glue.tasks {study['glue']['tasks']}")
@@ -362,7 +362,7 @@ def execute_notebook(
     return notebook
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -376,6 +376,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='checkpoint for a study with a "convert" section (default: its bert_path)',
     )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/<config name>")
+    parser.add_argument(
+        "--results_dir",
+        type=Path,
+        help="also copy the small per-run result files (no weights) here, e.g. results/<study> (committed)",
+    )
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument(
         "--overwrite_output_dir", action="store_true", help="start again in a used output dir"
@@ -385,7 +390,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue a stopped study: skip finished models and GLUE runs, resume pretraining checkpoints",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def missing_glue_runs(
@@ -428,13 +437,17 @@ def pretrain_stages(
     `init_discriminator_from` (whose tokenizer it then uses)."""
     pretrain, (pretrain_data, tokenizer, _, _) = study["pretrain"], data
     tokenizer = tokenizer or pretrain.get("tokenizer", {})
-    model_root, model_dirs = output_dir / "pretrain", {}
-    for name, model_options in pretrain["models"].items():
+    model_root, model_dirs, fixed_eval = output_dir / "pretrain", {}, {}
+    # fixed_eval.reference is pretrained first; every later model is scored on the set built from it.
+    reference = study.get("fixed_eval", {}).get("reference")
+    for name, model_options in sorted(pretrain["models"].items(), key=lambda item: item[0] != reference):
+        if reference in model_dirs and not fixed_eval:
+            fixed_eval = fixed_eval_set_stage(study["fixed_eval"], model_dirs[reference], args, output_dir)
         model_dirs[name] = model_root / name
-        if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+        if args.resume and finished_run_model(model_root / name):
             print(f"=== stage pretrain_{name}: finished before, skipped (--resume) ===")
             continue
-        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
+        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options, **fixed_eval}
         source = converted.get(options.get("init_discriminator_from"))
         if source is not None:
             options.update(init_discriminator_from=str(source), tokenizer_name=str(source))
@@ -443,6 +456,18 @@ def pretrain_stages(
         options.update({"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True})
         run_stage(f"pretrain_{name}", [sys.executable, TRAINER, *to_flags(options)], output_dir / "logs")
     return model_dirs
+
+
+def fixed_eval_set_stage(spec: dict, reference_run: Path, args: argparse.Namespace, output_dir: Path) -> dict:
+    """Build score_rtd.py's evaluation set from the reference run's data and generator (kept with --resume);
+    returns the trainer flag that scores a model on it at every evaluation."""
+    path = output_dir / FIXED_EVAL_SET
+    if not (args.resume and path.is_file()):
+        path.unlink(missing_ok=True)
+        command = [sys.executable, SCORER, "--eval_set", str(path), "--reference_run", str(reference_run)]
+        command += to_flags({key: spec.get(key) for key in ("max_examples", "seed")})
+        run_stage("fixed_eval_set", command, output_dir / "logs")
+    return {"fixed_eval_set": str(path)}
 
 
 def check_checkpoint_steps(study: dict) -> None:
@@ -534,7 +559,47 @@ def report_stages(
     return figure_dir, executed
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
+# What a committed results folder keeps of a study (small JSON/CSV files, no weights): enough for
+# gather_glue_results.py and the notebook to recompute every table and figure.
+GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json")
+PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json")
+
+
+def copy_results(output_dir: Path, results_dir: Path, config: Path) -> None:
+    """Copy the study's per-run result files, gather CSVs and gather log to `results_dir` (replaced whole,
+    atomically), with `study.json`: the config, the command and the commit that produced them."""
+
+    def write(tmp: Path) -> None:
+        patterns = [f"glue/*/*/seed_*/{name}" for name in GLUE_RUN_FILES] + ["glue/glue_results_*.csv"]
+        patterns += [f"pretrain/*/{name}" for name in PRETRAIN_RUN_FILES] + ["logs/gather.log"]
+        for pattern in patterns:
+            for source in sorted(output_dir.glob(pattern)):
+                target = tmp / source.relative_to(output_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+        tmp.mkdir(exist_ok=True)
+        write_json_atomically(tmp / "study.json", study_provenance(config), indent=2)
+
+    write_atomically(results_dir, write, replace=True)
+
+
+def study_provenance(config: Path) -> dict[str, Any]:
+    """The config (path and contents), command line and commit (with a dirty-tree flag) of this run."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {
+        "config": str(config),
+        "study": json.loads(Path(config).read_text()),
+        "command": " ".join(["python", *sys.argv]),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
+    }
+
+
+def check_study_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
     """Everything that can be wrong before a stage runs: (study, BERT checkpoint, output dir, data flags)."""
     study = load_study(args.config)
     bert_path = str(args.bert_path or study.get("convert", {}).get("bert_path") or "") or None
@@ -543,7 +608,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
             f"BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)"
         )
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
-    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
+    if holds_files(output_dir) and not (args.overwrite_output_dir or args.resume):
         raise ConfigError(
             f"{output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir"
         )
@@ -553,10 +618,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        study, bert_path, output_dir, data = check_inputs(args)
+        study, bert_path, output_dir, data = check_study_inputs(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:
@@ -567,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
         curves_dir = output_dir / "pretrain" if "pretrain" in study else None
         figure_dir, executed = report_stages(glue_root, curves_dir, output_dir, study["glue"].get("baseline"))
+        if args.results_dir is not None:
+            copy_results(output_dir, args.results_dir, args.config)
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -576,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  figures:       {figure_dir}/*.png")
     print(f"  notebook:      {executed}")
     print(f"  models:        {output_dir}/{{converted,pretrain}}/<model>; logs: {output_dir / 'logs'}")
+    if args.results_dir is not None:
+        print(f"  result files:  {args.results_dir} (per-run JSON, CSVs, study.json; commit them)")
     return 0
 
 

@@ -13,7 +13,7 @@ the top-2 MoE models, same generator) and the study's six MoE configurations (ex
 compute (dense for top-1, dense-2x for top-2): 1.0 = as fast. Step times are the best of the timed rounds
 (medians and every sample are in the JSON), as in bench_moe. Each step's model FLOPs are counted by
 `rtd_step_flops` (its docstring says how); TFLOP/s is that over the step time, and MFU that over
-`--peak_tflops` (on CUDA the H200's measured bf16 dense peak unless given; not shown on CPU unless given).
+`--peak_tflops` (on CUDA the H200 SXM's spec-sheet bf16 dense peak, 989, unless given; not shown on CPU unless given).
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
+import pretrain_documents  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
     RESULTS_DIR,
@@ -89,7 +90,7 @@ CONFIG_HELP = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -107,8 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peak_tflops",
         type=float,
-        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200's "
-        "measured bf16 dense peak; on CPU no MFU unless given)",
+        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200 SXM's "
+        "spec-sheet bf16 dense peak; on CPU no MFU unless given)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
@@ -123,6 +124,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     for flag in ("batch_size", "max_seq_length", "peak_tflops"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -145,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer():
+def load_bench_tokenizer():
     """ELECTRA's vocabulary from ../shared/data, or just its special-token ids (all the step needs)."""
     if (ELECTRA_VOCAB / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -309,7 +315,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device, save=None) -> tu
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    tokenizer = load_tokenizer()
+    tokenizer = load_bench_tokenizer()
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     rows, errors = [], []
     for size in args.sizes:
@@ -339,7 +345,7 @@ def bench_data(threads: int) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(ELECTRA_VOCAB))
     lines = train.read_text(encoding="utf-8").splitlines()
     start = time.perf_counter()
-    articles = pretrain_data.group_into_articles(lines)
+    articles = list(pretrain_documents.group_into_articles(lines))
     blocks = 0
     for i in range(0, len(articles), pretrain_data.TOKENIZE_BATCH_SIZE):
         batch = {"text": articles[i : i + pretrain_data.TOKENIZE_BATCH_SIZE]}
@@ -368,8 +374,8 @@ def bench_data(threads: int) -> dict | None:
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    cached_tokens = sum(split["input_ids"].size for split in again.values())
-    if cached_tokens != sum(split["input_ids"].size for split in first.values()):
+    cached_tokens = sum(len(again[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation"))
+    if cached_tokens != sum(len(first[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation")):
         raise RuntimeError("the cached reload returned different blocks")
     return dict(
         corpus="WikiText-2 validation (train) + test (validation), ELECTRA uncased vocabulary",

@@ -75,7 +75,7 @@ def test_rtd_step_flops_agrees_with_torch_flop_counter(moe):
     """torch's FlopCounterMode over a real forward + backward of the RTD objective counts the same matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tokenizer = bench_pretrain.load_tokenizer()
+    tokenizer = bench_pretrain.load_bench_tokenizer()
     sizes = dict(
         hidden_size=32, num_attention_heads=2, intermediate_size=64, embedding_size=16, num_hidden_layers=2
     )
@@ -184,7 +184,7 @@ def test_bench_expert_gemms_runs_and_rejects_uneven_slices(tmp_path, capsys):
     rows = json.loads(output.read_text())["rows"]
     assert [(row["top_k"], row["rows_per_expert"]) for row in rows] == [(1, 64), (2, 128)]
     for row in rows:
-        assert set(row["methods"]) == set(bench_expert_gemms.METHODS)
+        assert set(row["methods"]) == set(bench_expert_gemms.GEMM_METHODS)
         assert row["methods"]["dense"]["total_ratio"] == 1.0
         assert all(ms > 0 for ms in row["methods"]["per_expert"]["min_ms"].values())
     assert bench_expert_gemms.main(["--shapes", "small", "--experts", "3", "--tokens", "256"]) == 2
@@ -196,8 +196,8 @@ def test_expert_divergence_known_answers_and_saved_models(tmp_path, capsys):
     from transformers import ElectraConfig, ElectraForPreTraining
 
     from bench import expert_divergence
-    from modeling_electra import upcycle_dense_to_moe
     from test_modeling import TINY
+    from upcycling import upcycle_dense_to_moe
 
     weight = torch.randn(1, 6, 10)
     experts = weight.repeat(8, 1, 1)

@@ -130,7 +130,7 @@ def test_gpu_commands_cover_the_issue_grid():
     assert pretrain[pretrain.index("--sizes") + 1 : pretrain.index("--configs")] == ["small", "base"]
     configs = pretrain[pretrain.index("--configs") + 1 : pretrain.index("--repeats")]
     assert configs == ["dense", "dense-2x", "moe8-top2", "moe64-top1"]
-    assert pretrain[pretrain.index("--peak_tflops") + 1] == str(gpu_check.H200_BF16_DENSE_TFLOPS) == "790"
+    assert pretrain[pretrain.index("--peak_tflops") + 1] == str(gpu_check.H200_BF16_DENSE_TFLOPS) == "989"
     assert gpu_check.GPU_PRETRAIN["mixed_precision"] == "bf16" and gpu_check.GPU_GLUE["bf16"] is True
     assert gpu_check.GPU_GLUE["max_train_samples"] == 8000 and gpu_check.GPU_GLUE["num_train_epochs"] == 1
     assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
