@@ -251,9 +251,9 @@ def build_argument_parser() -> HfArgumentParser:
         formatter_class=HelpFormatter,
     )
     for name in ("double_unordered", "scale_targets"):  # the spelling of earlier versions
-        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
-    for old in RENAMED_FLAGS:
-        parser.add_argument(old, action=RenamedFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"= --no_{name}")
+    for old, new in RENAMED_FLAGS.items():
+        parser.add_argument(old, action=RenamedFlag, default=argparse.SUPPRESS, help=f"renamed: {new}")
     return parser
 
 
