@@ -307,6 +307,7 @@ def test_layerwise_learning_rates_match_google_electra(tmp_path):
         ["--task_name", "ax", "--random_init"],
         ["--task_name", "rte", "--layerwise_lr_decay", "1.5"],
         ["--task_name", "rte", "--glue_dir", "/nonexistent/glue"],
+        ["--task_name", "rte", "--warmup_ratio", "0.1"],  # transformers 5's --warmup_steps 0.1
     ],
 )
 def test_bad_arguments_exit_with_usage_error(argv):
@@ -485,3 +486,18 @@ def test_double_unordered_adds_swapped_pairs(task_name, moe_checkpoint):
     assert train[:5] == original[:]
     assert train[5:][first] == original[second] and train[5:][second] == original[first]
     assert train[5:]["label"] == original["label"]
+
+
+def test_help_shows_the_trainer_flags_with_their_defaults(capsys):
+    """TrainingArguments' flags as transformers users know them, each with its default; unset recipe values."""
+    with pytest.raises(SystemExit):
+        run_glue.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--fp16", "--bf16", "--report_to", "--gradient_checkpointing", "--torch_compile", "--save_steps",
+                 "--save_total_limit", "--logging_steps", "--dataloader_num_workers", "--seed SEED [SEED ...]"):  # fmt: skip
+        assert flag in text, flag
+    assert "(default: 0.1)" in text and "(default: 50)" in text and "(default: [42])" in text
+    args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte", "--learning_rate", "1e-4",
+                                "--save_steps", "7", "--seed", "1", "2"])  # fmt: skip
+    assert (args.training.learning_rate, args.training.num_train_epochs) == (1e-4, None)  # unset: by task
+    assert (args.training.save_steps, args.training.seed) == (7, [1, 2])
