@@ -57,9 +57,7 @@
 set -euo pipefail
 
 readonly DEFAULT_CONFIGS="1:1 2:1 2:2 4:1 4:2 8:1 8:2 8:2:expert_choice"
-readonly REQUEUE_EXIT_CODE=75        # wikitext_trainer.py's "checkpointed, run me again" status
 readonly USAGE_EXIT_CODE=2
-readonly DEFAULT_MAX_REQUEUES=50
 readonly RDZV_PORT_BASE=20000        # torchrun rendezvous port = base + job id modulo range
 readonly RDZV_PORT_RANGE=20000
 
@@ -184,51 +182,5 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 
-# ---- run, forwarding USR1/TERM to the trainer (bash runs traps only while it waits on a background job) ----
-signals=0
-child=""
-# shellcheck disable=SC2317  # called from the traps below
-forward() {
-    signals=$(( signals + 1 ))
-    signalled=$1
-    echo "[$(date '+%F %T')] got SIG$1: asking the trainer to checkpoint and exit"
-    # srun forwards USR1 to every task, whereas a TERM would make it kill them; the trainer takes both.
-    if [[ -n $child ]]; then
-        kill -USR1 "$child" 2>/dev/null || true
-    fi
-}
-signalled=""
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-"${launch[@]}" &
-child=$!
-while true; do
-    seen=$signals
-    status=0
-    wait "$child" || status=$?
-    (( signals == seen )) && break           # the child ended; status is its exit status
-    kill -0 "$child" 2>/dev/null && continue  # a trap cut the wait short; the child still runs
-    # The child ended around the signal: its saved status, unless the first wait already collected it.
-    code=0
-    wait "$child" 2>/dev/null || code=$?
-    (( code == 127 )) || status=$code
-    break
-done
-echo "[$(date '+%F %T')] trainer exited with status $status"
-
-if (( status == REQUEUE_EXIT_CODE )) || [[ -n $signalled && $status -ne 0 ]]; then
-    if [[ -z ${SLURM_JOB_ID:-} ]]; then
-        echo "not running under Slurm: rerun the same command to resume"
-        exit "$status"
-    fi
-    restarts=${SLURM_RESTART_COUNT:-0}
-    if (( restarts >= ${MAX_REQUEUES:-$DEFAULT_MAX_REQUEUES} )); then
-        echo "already requeued $restarts times (MAX_REQUEUES): not requeueing again" >&2
-        exit "$status"
-    fi
-    echo "requeueing $task_id; the next run resumes from the latest checkpoint"
-    scontrol requeue "$task_id"
-    exit 0
-fi
-exit "$status"
+# ---- run, forwarding USR1/TERM to the trainer and requeueing on its status 75 (slurm_env.sh) ----
+run_requeueable trainer "$task_id" "${launch[@]}"

@@ -8,6 +8,8 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=4
 #SBATCH --gpus-per-node=1
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
 #
 # Fine-tune and evaluate every pretrained model on every GLUE task with run_glue.py: one Slurm array task
 # per (model, task, seed), models outermost. The default array 0-71 covers the study: 8 models x 9 tasks
@@ -22,6 +24,11 @@
 # the end of the (model, task, seed) grid has nothing to do and exits 0; the last index of an array that is
 # too short for the grid fails and names the --array range still to submit. A run whose eval_results.json
 # exists is skipped, so resubmitting the same command fills in only what failed.
+#
+# Time limits and preemption, as for Electra_MoE_Pretrainer.sh: Slurm sends USR1 to this script 120 s before
+# the time limit; it is forwarded to run_glue.py, which saves a Trainer checkpoint in the run folder and
+# exits with status 75; the script then requeues this array task, and run_glue.py resumes from that
+# checkpoint. To preempt by hand: scancel --batch --signal=USR1 <jobid>_<index>
 #
 # Site settings, as for Electra_MoE_Pretrainer.sh (the command line wins over the environment):
 #   partition      sbatch -p NAME                 SBATCH_PARTITION=NAME
@@ -39,6 +46,7 @@
 #   GLUE_OUTPUT_DIR  run_glue.py --output_dir (default: outputs/glue)
 #   GATHER=1         also submit a job that runs gather_glue_results.py once the whole array has ended
 #   OVERWRITE=1      rerun and replace existing results instead of skipping them
+#   MAX_REQUEUES     stop requeueing after this many restarts (default: 50)
 #   CONDA_ENV, VENV, PYTHON, REPO_DIR, DRY_RUN=1     as for Electra_MoE_Pretrainer.sh
 
 set -euo pipefail
@@ -137,8 +145,8 @@ glue_args=(
     --model_name_or_path "$model" --model_name "$model_name" --task_name "$task" --seed "$seed"
     --do_train --do_eval --output_dir "$output_dir"
 )
-if [[ ${OVERWRITE:-0} == 1 ]]; then
-    glue_args+=(--overwrite_output_dir)
+if [[ ${OVERWRITE:-0} == 1 && ${SLURM_RESTART_COUNT:-0} == 0 ]]; then
+    glue_args+=(--overwrite_output_dir)  # a requeued task resumes what its first start began
 elif [[ -f $run_dir/eval_results.json ]]; then
     echo "$run_dir/eval_results.json exists: skipping (OVERWRITE=1 reruns it)"
     exit 0
@@ -147,13 +155,15 @@ cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
 launch=("$python_bin" "$repo_dir/run_glue.py" "${glue_args[@]}" "${extra_args[@]}")
 
-echo "[$(date '+%F %T')] task ${SLURM_ARRAY_JOB_ID:-local}_$index on $(hostname):" \
+task_id=${SLURM_JOB_ID:-local}
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
+    task_id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+fi
+echo "[$(date '+%F %T')] task $task_id (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname):" \
     "$model_name / $task / seed $seed"
 printf '+'; printf ' %q' "${launch[@]}"; echo  # copy-pastable
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
-status=0
-"${launch[@]}" || status=$?
-echo "[$(date '+%F %T')] run_glue.py exited with status $status"
-exit "$status"
+# Forwarding USR1/TERM to run_glue.py and requeueing on its status 75 (slurm_env.sh).
+run_requeueable run_glue.py "$task_id" "${launch[@]}"

@@ -57,6 +57,7 @@ from glue_tasks import (
 from input_checks import EXIT_BAD_INPUT, unstated_moe_fields
 from modeling_electra_config import PRESETS, preset_name
 from outputs import TABLE_FORMATS, render_table, write_atomically
+from provenance import PROVENANCE_FILE
 
 logger = logging.getLogger("gather_glue_results")
 
@@ -73,6 +74,10 @@ SCORE_SCALE = 100.0
 # Tables list models from the smallest preset to the largest.
 SIZE_ORDER = list(PRESETS)
 CONFIG_COLUMNS = ["model_size", "num_experts", "top_k", "capacity_factor", "router_type"]
+# From run_glue.py's run_config.json and provenance.json beside the results (empty for older runs): the
+# pretraining run and step the fine-tuned weights come from, its training FLOPs, and the code's commit.
+RUN_CONFIG_FILE = "run_config.json"
+RUN_COLUMNS = ["pretrained_model", "pretraining_step", "pretraining_flops", "git_commit", "git_dirty"]
 MISSING = "missing"
 EXPERT_CHOICE = "expert_choice"
 EXIT_PROBLEMS = 1
@@ -121,6 +126,7 @@ class RunResult:
     metrics: dict[str, float]
     config: dict[str, Any]
     path: Path
+    run: dict[str, Any]
 
 
 class ResultError(ValueError):
@@ -204,6 +210,21 @@ def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
     }
 
 
+def read_run_record(results_file: Path) -> dict[str, Any]:
+    """RUN_COLUMNS of one run: its pretraining run, step and FLOPs (run_config.json), commit (provenance.json)."""
+    run_dir = results_file.parent
+    config = read_json(run_dir / RUN_CONFIG_FILE) if (run_dir / RUN_CONFIG_FILE).is_file() else {}
+    provenance = read_json(run_dir / PROVENANCE_FILE) if (run_dir / PROVENANCE_FILE).is_file() else {}
+    pretraining_run = (config.get("checkpoint_record") or {}).get("pretraining_run")
+    return {
+        "pretrained_model": Path(pretraining_run).name if pretraining_run else None,
+        "pretraining_step": config.get("pretraining_step"),
+        "pretraining_flops": config.get("pretraining_flops"),
+        "git_commit": provenance.get("git_commit"),
+        "git_dirty": provenance.get("git_dirty"),
+    }
+
+
 def collect(root: Path) -> tuple[list[RunResult], list[str]]:
     """All usable runs under `root`, and one message per file that was skipped."""
     results: list[RunResult] = []
@@ -225,11 +246,12 @@ def collect(root: Path) -> tuple[list[RunResult], list[str]]:
         try:
             metrics = read_metrics(path, task)
             config = read_run_config(path, root)
+            run = read_run_record(path)
         except ResultError as error:
             problems.append(str(error))
             continue
         seen[location] = path
-        results.append(RunResult(model, task, seed, metrics, config, path))
+        results.append(RunResult(model, task, seed, metrics, config, path, run))
     return results, problems
 
 
@@ -242,12 +264,13 @@ def long_table(results: list[RunResult]) -> pd.DataFrame:
             "metric": key.removeprefix("eval_"),
             "value": value,
             **r.config,
+            **r.run,
             "path": str(r.path),
         }
         for r in results
         for key, value in r.metrics.items()
     ]
-    columns = ["model", "task", "seed", "metric", "value", *CONFIG_COLUMNS, "path"]
+    columns = ["model", "task", "seed", "metric", "value", *CONFIG_COLUMNS, *RUN_COLUMNS, "path"]
     return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
 
@@ -260,10 +283,12 @@ def scores_table(results: list[RunResult]) -> pd.DataFrame:
             "task": r.task,
             "seed": r.seed,
             **{f"{c}_score": SCORE_SCALE * task_score(r.task, r.metrics, c) for c in SCORE_CONVENTIONS},
+            **r.run,
         }
         for r in results
     ]
-    return pd.DataFrame(rows, columns=["model", "task", "seed", *score_columns]).astype({"seed": "Int64"})
+    columns = ["model", "task", "seed", *score_columns, *RUN_COLUMNS]
+    return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
 
 def interval(values: Any) -> dict[str, float]:
@@ -333,7 +358,8 @@ def summary_table(
         configs = {tuple(sorted(r.config.items(), key=str)) for r in runs}
         if len(configs) > 1:
             logger.warning("%s: runs disagree on the model config %s; using the first", model, configs)
-        row: dict[str, Any] = {"model": model, **runs[0].config}
+        row: dict[str, Any] = {"model": model, **runs[0].config, **runs[0].run}
+        row["git_commit"] = " ".join(sorted({str(r.run["git_commit"]) for r in runs if r.run["git_commit"]}))
         row["dense"] = None if row["num_experts"] is None else row["num_experts"] == 1
         for convention in SCORE_CONVENTIONS:
             row.update(

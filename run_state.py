@@ -1,7 +1,8 @@
 """Run state of a pretraining run: its folder, checkpoints, stop signals and metric files.
 
 A run folder `<model_save_directory>/<model_save_name>/` holds `training_args.json`, `metrics.jsonl`,
-`tensorboard/`, `checkpoints/checkpoint-<step>/` (the newest `--save_total_limit` kept) and, once finished,
+`tensorboard/` (or the trackers `--report_to` names), `provenance.json`, `model_config/` (the discriminator's
+config and tokenizer, for fine-tuning a checkpoint), `checkpoints/checkpoint-<step>/` (the newest `--save_total_limit` kept) and, once finished,
 `discriminator/` and `generator/`. Checkpoints are written under a temporary name and renamed into place,
 so a kill at any point leaves only complete checkpoints behind; SIGTERM/SIGUSR1 end the run with a
 checkpoint and exit status 75, and `--resume_from_checkpoint auto` continues it exactly.
@@ -51,6 +52,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 TRAINING_ARGS_FILE = "training_args.json"
 MANIFEST_FILE = "manifest.json"
+MODEL_CONFIG_DIR = "model_config"
 CORRUPT_CHECKPOINT_PREFIX = "corrupt-checkpoint-"
 # What a checkpoint holds besides the RNG states of each process (random_states_<rank>.pkl).
 CHECKPOINT_FILES = ("pytorch_model.bin", "optimizer.bin", TRAINER_STATE_FILE)
@@ -91,6 +93,15 @@ def start_run_dir(run_dir: Path, overwrite: bool, resolved_args: dict[str, Any])
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)
         write_json_atomically(run_dir / TRAINING_ARGS_FILE, resolved_args)
+
+
+def save_model_config(run_dir: Path, config: Any, tokenizer: Any) -> None:
+    """`<run>/model_config/`: the discriminator's config and the tokenizer, written when the run starts, so
+    that run_glue.py can fine-tune a `checkpoints/checkpoint-N` before the run has finished."""
+
+    save = partial(save_pretrained_with_tokenizer, config, tokenizer)
+    with reporting_write_errors(run_dir / MODEL_CONFIG_DIR):
+        write_atomically(run_dir / MODEL_CONFIG_DIR, save, replace=True)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -294,6 +305,7 @@ BOOKKEEPING_FLAGS = frozenset(
         "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
         "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
         "overwrite_output_dir", "push_to_hub", "hub_model_id", "gradient_checkpointing", "compile",
+        "report_to",
     }
 )  # fmt: skip
 # ... and the model hyperparameters declared `changeable_on_resume` (modeling_electra_config.py).

@@ -8,8 +8,11 @@
 A study pretrains its models (a "pretrain" section), converts them from a pretrained BERT-family checkpoint
 (a "convert" section: the dense model and its upcycled MoE copies, `convert_bert_checkpoint.py`), or both:
 a "pretrain" model whose `init_discriminator_from` names a converted model continues pretraining from it
-(with its tokenizer). GLUE fine-tunes `glue.models` (default: every model) with `glue.args`, plus `glue.task_args[task]` for a
-task that needs its own flags; `glue.baseline` names the model every other one is compared with (paired
+(with its tokenizer). GLUE fine-tunes `glue.models` (default: every model) with `glue.args`, plus
+`glue.task_args[task]` for a task that needs its own flags; `glue.checkpoint_steps` also fine-tunes each
+pretrained model's `checkpoints/checkpoint-N` (as `<name>_step<N>`, for GLUE score vs pretraining step and
+FLOPs; the pretraining `save_steps` and `save_total_limit` must keep them); `glue.baseline` names the model
+every other one is compared with (paired
 differences over shared seeds in the table and the notebook). The config is checked against
 `SCHEMA` (keys, types, and every flag against the script it is passed to) before anything runs or is created.
 
@@ -110,6 +113,7 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
             "models": (ListOf(str), False),
             "task_args": (Named(FINETUNER), False),
             "baseline": (str, False),
+            "checkpoint_steps": (ListOf(int), False),
         },
         True,
     ),
@@ -231,7 +235,8 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
             if name not in models:
                 raise ConfigError(f"'glue.{key}': '{name}' is not one of the study's models {models}")
     baseline = study["glue"].get("baseline")
-    fine_tuned = [label for label, _, _ in glue_runs(study["glue"], models)]
+    check_checkpoint_steps(study)
+    fine_tuned = [label for label, _, _, _ in glue_runs(study["glue"], models)]
     if baseline is not None and baseline not in fine_tuned:
         raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
     check_names_and_seeds(study, models)
@@ -584,11 +589,34 @@ def fixed_eval_set_stage(spec: dict, reference_run: Path, args: argparse.Namespa
     return {"fixed_eval_set": str(path)}
 
 
-def glue_runs(glue: dict, models: list[str]) -> list[tuple[str, str, bool]]:
-    """(label, model, random_init) of every fine-tuned model: `glue.models` (default: all of `models`), then
-    a random-init copy `<name>_random_init` of each `glue.random_init_baselines` model."""
-    runs = [(name, name, False) for name in glue.get("models", models)]
-    return runs + [(f"{name}_random_init", name, True) for name in glue.get("random_init_baselines", [])]
+def check_checkpoint_steps(study: dict) -> None:
+    """`glue.checkpoint_steps` needs pretrained models that save a checkpoint at each of those steps."""
+    steps = study["glue"].get("checkpoint_steps", [])
+    if steps and "pretrain" not in study:
+        raise ConfigError(
+            "'glue.checkpoint_steps' names pretraining checkpoints: it needs a \"pretrain\" section"
+        )
+    save_steps = study.get("pretrain", {}).get("common", {}).get("save_steps")
+    unsaved = [step for step in steps if step < 1 or (save_steps and step % save_steps)]
+    if unsaved:
+        raise ConfigError(
+            f"'glue.checkpoint_steps': {unsaved} are not multiples of pretrain.common.save_steps ({save_steps}), "
+            "so no checkpoint is saved there"
+        )
+
+
+def glue_runs(glue: dict, models: list[str]) -> list[tuple[str, str, bool, int | None]]:
+    """(label, model, random_init, pretraining step) of every fine-tuned model: `glue.models` (default: all of
+    `models`), a random-init copy `<name>_random_init` of each `glue.random_init_baselines` model, and
+    `<name>_step<N>` for the pretraining checkpoint of each `glue.checkpoint_steps` step (learning curves)."""
+    names = glue.get("models", models)
+    runs = [(name, name, False, None) for name in names]
+    runs += [(f"{name}_random_init", name, True, None) for name in glue.get("random_init_baselines", [])]
+    return runs + [
+        (f"{name}_step{step}", name, False, step)
+        for name in names
+        for step in glue.get("checkpoint_steps", [])
+    ]
 
 
 def glue_stages(
@@ -604,11 +632,13 @@ def glue_stages(
         **glue.get("args", {}),
         **glue_data,
         "output_dir": str(glue_root),
-        "overwrite_output_dir": True,
+        # --resume continues unfinished GLUE runs from their checkpoints; otherwise every run starts afresh.
+        "overwrite_output_dir": not args.resume,
     }
     task_args = glue.get("task_args", {})
-    for label, name, random_init in glue_runs(glue, list(model_dirs)):
-        model = {"model_name_or_path": str(model_dirs[name]), "model_name": label, "random_init": random_init}
+    for label, name, random_init, step in glue_runs(glue, list(model_dirs)):
+        path = model_dirs[name] / "checkpoints" / f"checkpoint-{step}" if step else model_dirs[name]
+        model = {"model_name_or_path": str(path), "model_name": label, "random_init": random_init}
         todo = {task: glue["seeds"] for task in tasks}
         if args.resume:
             todo = missing_glue_runs(glue_root, label, tasks, glue["seeds"])

@@ -54,6 +54,7 @@ from pretrain_data import (
 )
 from pretrain_documents import DOCUMENT_FORMATS
 from pretrain_models import build_model_configs, build_models, model_shape_error
+from provenance import write_provenance
 from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
     REQUEUE_EXIT_CODE,
@@ -69,6 +70,7 @@ from run_state import (
     rng_devices,
     save_checkpoint,
     save_final_models,
+    save_model_config,
     set_aside_newer_checkpoints,
     start_run_dir,
     stop_requested,
@@ -77,6 +79,7 @@ from run_state import (
 )
 from runlock import is_main_process, run_lock
 from score_rtd import check_fixed_eval_set, score_fixed_eval_set
+from tracking import REPORT_TO_CHOICES, start_trackers
 
 logger = logging.getLogger("wikitext_trainer")  # a script: __name__ would be "__main__"
 
@@ -244,6 +247,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--save_steps", type=int, default=SAVE_STEPS)
     train.add_argument("--save_total_limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept")
+    train.add_argument(
+        "--report_to",
+        choices=REPORT_TO_CHOICES,
+        default="tensorboard",
+        help="experiment tracker (accelerate's); all = every one installed; wandb: pip install wandb, and a "
+        "requeued run goes on as the same W&B run",
+    )
     train.add_argument(
         "--resume_from_checkpoint",
         metavar="{auto,PATH}",
@@ -577,7 +587,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
         state = LoopState(**load_checkpoint(accelerator, checkpoint))
     # Read by every process (the last step may have been evaluated before its checkpoint), cut by the main one.
     state.last_eval_step = truncate_metrics(p.run_dir, state.global_step, accelerator.is_main_process)
-    accelerator.init_trackers("tensorboard")
+    start_trackers(accelerator, args.report_to, p.run_dir, args.model_save_name)
     state.window_start = time.perf_counter()
     bar = tqdm(
         total=data.total_steps,
@@ -698,12 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with stop_signal_handlers(stop), lock:
-            return pretrain(args, stop)
+            return pretrain(args, stop, sys.argv if argv is None else ["wikitext_trainer.py", *argv])
     except InputError as error:  # bad input or a full disk: one line; any other error keeps its traceback
         fail(str(error))
 
 
-def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
+def pretrain(args: argparse.Namespace, stop: StopRequest, command: list[str] | None = None) -> int:
     """Data -> model -> loop -> outputs; returns the exit status (0, or 75 after a stop signal)."""
     from accelerate import Accelerator
 
@@ -713,7 +723,6 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
         cpu=args.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard",
         project_dir=str(run_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -729,6 +738,8 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
         write_json_atomically(run_dir / DATA_STATS_FILE, data.data_stats)
         if checkpoint is not None and args.resume_from_checkpoint == "auto":
             set_aside_newer_checkpoints(run_dir, checkpoint)
+        write_provenance(run_dir, command)
+        save_model_config(run_dir, disc_config, data.tokenizer)
     accelerator.wait_for_everyone()
     logger.info(
         "%d train / %d validation blocks of %d tokens; %d optimizer steps (%d per epoch)",

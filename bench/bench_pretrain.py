@@ -49,7 +49,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
 import pretrain_documents  # noqa: E402
-import rtd  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
     RESULTS_DIR,
@@ -60,8 +59,8 @@ from bench.bench_moe import (  # noqa: E402
     write_json,
 )
 from bench.gpu_check import H200_BF16_DENSE_TFLOPS  # noqa: E402
+from flops import encoder_flops_per_token, expert_slots_per_token, masked_per_sequence, rtd_step_flops  # noqa: E402, F401
 from modeling_electra_config import MAX_POSITION_EMBEDDINGS, PRESETS  # noqa: E402
-from moe_dispatch import expert_choice_capacity  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 ELECTRA_VOCAB = SHARED_DATA / "electra-vocab"
@@ -150,72 +149,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.configs and len(set(args.configs)) != len(args.configs):
         parser.error("--configs: a configuration is named twice")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model FLOPs
-# ----------------------------------------------------------------------------------------------------------
-
-
-def masked_per_sequence(seq_len: int, mask_prob: float = rtd.MASK_PROB) -> int:
-    """Positions `rtd.mask_tokens` masks in a sequence of `seq_len` real tokens (the benchmark has no padding)."""
-    return max(1, min(rtd.max_predictions_per_seq(seq_len, mask_prob), round(mask_prob * seq_len)))
-
-
-def expert_slots_per_token(config, batch: int, seq_len: int) -> float:
-    """Expert FFNs each token runs through on average: top_k for token choice (dropless; a capacity limit
-    can only drop slots, so this is the intended compute), and for expert choice every expert's
-    `expert_choice_capacity` tokens per group (a sequence, or the batch) over the group's tokens (~ the
-    capacity factor)."""
-    if config.router_type != "expert_choice":
-        return config.top_k
-    group = seq_len if config.expert_choice_scope == "sequence" else batch * seq_len
-    capacity = expert_choice_capacity(config.capacity_factor, group, config.num_experts)
-    return config.num_experts * capacity / group
-
-
-def encoder_flops_per_token(config, batch: int, seq_len: int) -> float:
-    """Forward matmul FLOPs per token of one `ElectraMoEModel`: the embedding projection (when
-    embedding_size != hidden_size) and every layer's attention and dense or MoE feed-forward block."""
-    h = config.hidden_size
-    attention = 2 * 4 * h * h + 2 * 2 * seq_len * h  # Q, K, V, output projections; Q K^T and scores x V
-    dense_ffn = 2 * 2 * h * config.intermediate_size
-    router = 2 * h * config.num_experts * (2 if config.router_type == "noisy_topk" else 1)  # + noise logits
-    expert_ffn = 2 * 2 * h * config.expert_intermediate_size
-    moe_ffn = router + expert_slots_per_token(config, batch, seq_len) * expert_ffn
-    moe_layers = len(config.moe_layer_indices)
-    layers = config.num_hidden_layers * attention + moe_layers * moe_ffn
-    layers += (config.num_hidden_layers - moe_layers) * dense_ffn
-    projection = 2 * config.embedding_size * h if config.embedding_size != h else 0
-    return layers + projection
-
-
-def rtd_step_flops(
-    disc_config, gen_config, batch: int, seq_len: int, mask_prob: float = rtd.MASK_PROB
-) -> float:
-    """Model FLOPs of one RTD training step on `batch` full sequences of `seq_len` tokens.
-
-    Counted: the matmuls, at 2 FLOPs per multiply-add, of
-    - both encoders on every token (`encoder_flops_per_token`): per layer the Q, K, V and output
-      projections (4 x 2 h^2), the attention scores Q K^T and their product with V (2 x 2 seq_len h,
-      all seq_len keys: the encoder is bidirectional), and the feed-forward block: dense 2 x 2 h i, or MoE
-      with only the active experts (top_k x 2 x 2 h i_expert per token; expert choice its capacity, about
-      capacity_factor x) plus the router (2 h E; twice with noisy top-k's noise logits); and the projection
-      from the shared embeddings when embedding_size != h;
-    - the generator's MLM head on the masked positions only, as `rtd.ElectraPretrainingModel` computes it
-      (`masked_per_sequence` per sequence): dense h_gen -> embedding_size, then embedding_size -> vocabulary;
-    - the discriminator head on every token: dense h -> h, then h -> 1.
-    Forward plus backward is 3 x the forward (the backward computes the gradients of both each matmul's
-    input and its weight). Not counted: embedding lookups, layer norms, softmax, activations, biases,
-    dropout, the sampling of replacements, the losses and the optimizer (elementwise work, not matmuls).
-    """
-    tokens = batch * seq_len
-    h, e, v = disc_config.hidden_size, disc_config.embedding_size, disc_config.vocab_size
-    discriminator = tokens * (encoder_flops_per_token(disc_config, batch, seq_len) + 2 * h * h + 2 * h)
-    masked = batch * masked_per_sequence(seq_len, mask_prob)
-    mlm_head = masked * (2 * gen_config.hidden_size * e + 2 * e * v)
-    generator = tokens * encoder_flops_per_token(gen_config, batch, seq_len) + mlm_head
-    return 3 * (discriminator + generator)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -143,3 +143,30 @@ def make_pretraining_run(directory: Path, num_moe_layers: int = 2, num_experts: 
         for record in records:
             handle.write(json.dumps(record) + "\n")
     return directory
+
+
+# Learning curves: two pretraining runs fine-tuned at steps 100, 200 and 300 (`<run>_step<N>`); the dense run
+# with two seeds (an interval), the MoE run with one (an "n = 1" mark). The score rises with the step.
+CURVE_RUNS = {"curve_dense": (SEEDS, 1e12), "curve_moe": (SEEDS[:1], 2e12)}
+CURVE_STEPS = (100, 200, 300)
+CURVE_TASKS = ("rte", "sst2")
+
+
+def add_learning_curve_runs(root: Path) -> Path:
+    """run_glue.py results of pretraining checkpoints: run_config.json with the pretraining run, step, FLOPs."""
+    for run, (seeds, step_flops) in CURVE_RUNS.items():
+        for step in CURVE_STEPS:
+            for task in CURVE_TASKS:
+                for seed in seeds:
+                    run_dir = root / f"{run}_step{step}" / task / f"seed_{seed}"
+                    run_dir.mkdir(parents=True)
+                    value = 0.4 + step / 10_000 + TASK_OFFSET[task] + 0.01 * seed
+                    (run_dir / "eval_results.json").write_text(json.dumps(eval_results(task, value)))
+                    (run_dir / "config.json").write_text(json.dumps(MODELS["dense"][0]))
+                    run_config = {
+                        "checkpoint_record": {"pretraining_run": f"/runs/{run}"},
+                        "pretraining_step": step,
+                        "pretraining_flops": step * step_flops,
+                    }
+                    (run_dir / "run_config.json").write_text(json.dumps(run_config))
+    return root

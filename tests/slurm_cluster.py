@@ -194,6 +194,8 @@ class SlurmCluster:
             "SelectTypeParameters=CR_Core",
             "EnforcePartLimits=ALL",
             "ReturnToService=2",
+            # Finished jobs stay in squeue this long (default 300 s): the study fixture reads every state at the end.
+            "MinJobAge=3600",
             # Schedule on every event and at least each second: jobs start in ~1 s instead of ~3 s.
             "SchedulerParameters=sched_min_interval=0,batch_sched_delay=0,sched_interval=1",
             f"StateSaveLocation={self.root / 'state'}",

@@ -60,7 +60,7 @@ def test_generator_checkpoint_is_refused_naming_the_discriminator(pretraining_ru
     # With the flag it passes the checks, and its results are filed apart from the discriminator's.
     args = run_glue.parse_args(["--model_name_or_path", str(pretraining_run / "generator"), "--task_name", "rte",
                                 "--output_dir", str(tmp_path / "out"), "--allow_generator"])  # fmt: skip
-    run_glue.check_inputs(args)
+    assert run_glue.check_inputs(args, tmp_path).kind == "model"
     assert run_glue.default_model_name(str(pretraining_run / "generator")) == "my_run_generator"
     assert run_glue.default_model_name(str(pretraining_run / "discriminator")) == "my_run"
 

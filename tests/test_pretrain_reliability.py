@@ -343,7 +343,7 @@ def test_a_text_column_that_holds_no_text_is_named(argv, tmp_path):
 
 
 def test_main_reports_input_errors_in_one_line_and_lets_bugs_raise(monkeypatch, capsys, argv):
-    def bad_input(args, stop):
+    def bad_input(args, stop, command=None):
         raise wt.InputError("--train_file x is broken")
 
     monkeypatch.setattr(wt, "pretrain", bad_input)
@@ -352,7 +352,7 @@ def test_main_reports_input_errors_in_one_line_and_lets_bugs_raise(monkeypatch, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ERROR_PREFIX + "--train_file x is broken"
 
-    def bug(args, stop):
+    def bug(args, stop, command=None):
         raise ValueError("a bug")
 
     monkeypatch.setattr(wt, "pretrain", bug)

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -11,9 +12,18 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, ElectraConfig, ElectraForPreTraining, ElectraForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    ElectraConfig,
+    ElectraForPreTraining,
+    ElectraForSequenceClassification,
+    EvalPrediction,
+    TrainingArguments,
+)
 
 import gather_glue_results
+import glue_model
+import glue_training
 import modeling_electra
 import run_glue
 from glue_tasks import TASKS
@@ -40,6 +50,13 @@ def moe_checkpoint(tmp_path_factory, vocab_dir) -> Path:
     modeling_electra.ElectraMoEForPreTraining(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load(path: Path | str, task, tokenizer_name=None, **kwargs):
+    """glue_model.load_model of a checkpoint folder, resolved as run_glue.py resolves it."""
+    workdir = Path(tempfile.mkdtemp())
+    resolved = glue_model.resolve_glue_checkpoint(str(path), tokenizer_name, False, workdir)
+    return glue_model.load_model(resolved, task, **kwargs)
 
 
 def run(checkpoint: Path, output_dir: Path, *extra: str) -> int:
@@ -124,8 +141,8 @@ def test_router_losses_stay_in_the_training_loss(tmp_path):
     torch.manual_seed(0)
     config = ElectraMoEConfig(vocab_size=100, num_experts=4, top_k=2, num_labels=2, **TINY)
     model = modeling_electra.ElectraMoEForSequenceClassification(config).eval()  # no dropout: comparable
-    args = run_glue.TrainingArguments(output_dir=str(tmp_path), report_to="none")
-    trainer = run_glue.LayerwiseDecayTrainer(model=model, args=args, layerwise_lr_decay=0.8)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    trainer = glue_training.LayerwiseDecayTrainer(model=model, args=args, layerwise_lr_decay=0.8)
     inputs = {"input_ids": torch.randint(5, 100, (4, 7)), "labels": torch.tensor([0, 1, 1, 0])}
     loss = trainer.compute_loss(model, inputs)
     outputs = model(input_ids=inputs["input_ids"])
@@ -204,7 +221,7 @@ def test_missing_encoder_weights_are_an_error(moe_checkpoint, tmp_path):
     del weights["electra.encoder.layer.1.attention.self.query.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"encoder parameters .*layer\.1\.attention\.self\.query"):
-        run_glue.load_model(str(broken), TASKS["rte"], None)
+        load(broken, TASKS["rte"])
 
 
 def test_moe_config_without_expert_count_is_an_error(moe_checkpoint, tmp_path):
@@ -214,7 +231,7 @@ def test_moe_config_without_expert_count_is_an_error(moe_checkpoint, tmp_path):
     del config["num_experts"]
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="num_experts"):
-        run_glue.load_model(str(edited), TASKS["rte"], None)
+        load(edited, TASKS["rte"])
 
 
 def test_plain_electra_and_pretraining_run_dirs_load(tmp_path, vocab_dir):
@@ -223,16 +240,16 @@ def test_plain_electra_and_pretraining_run_dirs_load(tmp_path, vocab_dir):
     dense = ElectraForPreTraining(ElectraConfig(vocab_size=tokenizer.vocab_size, **TINY))
     dense.save_pretrained(run_dir / "discriminator")
     tokenizer.save_pretrained(run_dir / "discriminator")
-    checkpoint = run_glue.resolve_checkpoint(str(run_dir))
+    checkpoint = glue_model.pretraining_run_model(run_dir)
     assert checkpoint == str(run_dir / "discriminator")
-    assert run_glue.default_model_name(str(run_dir / "discriminator")) == "wikitext_run"
+    assert glue_model.default_model_name(str(run_dir / "discriminator")) == "wikitext_run"
     loaded = dense.electra.encoder.layer[1].intermediate.dense.weight
     # transformers' ELECTRA has only its own head; ELECTRA's head reads the checkpoint into the dense ElectraMoE.
     for head, class_name in (
         ("hf", "ElectraForSequenceClassification"),
         (None, "ElectraMoEForSequenceClassification"),
     ):
-        _, model = run_glue.load_model(checkpoint, TASKS["mnli"], None, classifier_head=head)
+        _, model = load(checkpoint, TASKS["mnli"], classifier_head=head)
         assert type(model).__name__ == class_name
         assert model.config.num_labels == 3 and model.config.id2label[2] == "contradiction"
         assert torch.equal(model.electra.encoder.layer[1].intermediate.dense.weight, loaded)
@@ -243,11 +260,11 @@ def test_recipe_defaults_follow_electra():
     small = ElectraMoEConfig(vocab_size=100, model_size="small", **TINY)
     base = ElectraMoEConfig(vocab_size=100, hidden_size=768, num_attention_heads=12, embedding_size=768)
     args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte"])
-    assert args.do_train and args.do_eval and not args.do_predict
+    assert args.training.do_train and args.training.do_eval and not args.training.do_predict
     rte = run_glue.resolve_hyperparameters(args, "rte", small)
     assert (rte["learning_rate"], rte["layerwise_lr_decay"], rte["num_train_epochs"]) == (3e-4, 0.8, 10.0)
     assert (rte["per_device_train_batch_size"], rte["max_seq_length"]) == (32, 128)
-    assert (rte["warmup_ratio"], rte["weight_decay"]) == (0.1, 0.01)
+    assert (rte["warmup_steps"], rte["weight_decay"]) == (0.1, 0.01)
     sst2 = run_glue.resolve_hyperparameters(args, "sst2", base)
     assert (sst2["model_size"], sst2["learning_rate"], sst2["num_train_epochs"]) == ("base", 1e-4, 3.0)
     tiny = ElectraMoEConfig(vocab_size=100, model_size="tiny", hidden_size=128)
@@ -258,10 +275,8 @@ def test_layerwise_learning_rates_match_google_electra(tmp_path):
     config = ElectraMoEConfig(vocab_size=100, num_experts=4, top_k=2, num_labels=2, **TINY)
     model = modeling_electra.ElectraMoEForSequenceClassification(config)
     lr, decay, n = 1e-3, 0.5, TINY["num_hidden_layers"]
-    args = run_glue.TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=lr, weight_decay=0.01, report_to="none"
-    )
-    trainer = run_glue.LayerwiseDecayTrainer(model=model, args=args, layerwise_lr_decay=decay)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=lr, weight_decay=0.01, report_to="none")
+    trainer = glue_training.LayerwiseDecayTrainer(model=model, args=args, layerwise_lr_decay=decay)
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
@@ -292,6 +307,7 @@ def test_layerwise_learning_rates_match_google_electra(tmp_path):
         ["--task_name", "ax", "--random_init"],
         ["--task_name", "rte", "--layerwise_lr_decay", "1.5"],
         ["--task_name", "rte", "--glue_dir", "/nonexistent/glue"],
+        ["--task_name", "rte", "--warmup_ratio", "0.1"],  # transformers 5's --warmup_steps 0.1
     ],
 )
 def test_bad_arguments_exit_with_usage_error(argv):
@@ -301,9 +317,9 @@ def test_bad_arguments_exit_with_usage_error(argv):
 
 
 def test_random_init_keeps_the_architecture_but_not_the_weights(moe_checkpoint):
-    _, pretrained = run_glue.load_model(str(moe_checkpoint), TASKS["sst2"], None)
+    _, pretrained = load(moe_checkpoint, TASKS["sst2"])
     torch.manual_seed(1)
-    _, fresh = run_glue.load_model(str(moe_checkpoint), TASKS["sst2"], None, random_init=True)
+    _, fresh = load(moe_checkpoint, TASKS["sst2"], random_init=True)
     assert (fresh.config.num_experts, fresh.config.top_k) == (4, 2)
     names = dict(pretrained.named_parameters())
     assert names.keys() == dict(fresh.named_parameters()).keys()
@@ -315,7 +331,7 @@ def test_task_lists_expand():
     args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte", "all", "cola"])
     assert args.tasks == ["rte", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "wnli"]
     ax = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "ax"])
-    assert ax.tasks == ["ax"] and ax.do_predict and not ax.do_train
+    assert ax.tasks == ["ax"] and ax.training.do_predict and not ax.training.do_train
 
 
 @pytest.mark.slow
@@ -336,7 +352,7 @@ def test_random_init_runs_are_named_apart(moe_checkpoint, tmp_path):
 
 
 def test_electra_head_is_cls_dropout_one_dense_layer(moe_checkpoint, tmp_path):
-    _, model = run_glue.load_model(str(moe_checkpoint), TASKS["rte"], None)
+    _, model = load(moe_checkpoint, TASKS["rte"])
     assert model.config.classifier_head == "electra"
     head = model.classifier
     assert [name for name, _ in head.named_parameters()] == ["linear.weight", "linear.bias"]
@@ -351,8 +367,8 @@ def test_electra_head_is_cls_dropout_one_dense_layer(moe_checkpoint, tmp_path):
     model.save_pretrained(tmp_path / "finetuned")
     config = json.loads((tmp_path / "finetuned" / "config.json").read_text())
     assert config["classifier_head"] == "electra"
-    assert run_glue.choose_classifier_head(None, config) == "electra"
-    _, hf = run_glue.load_model(str(moe_checkpoint), TASKS["rte"], None, classifier_head="hf")
+    assert glue_model.choose_classifier_head(None, config) == "electra"
+    _, hf = load(moe_checkpoint, TASKS["rte"], classifier_head="hf")
     assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= dict(hf.named_parameters()).keys()
 
 
@@ -363,7 +379,7 @@ def test_transformers_classification_checkpoint_keeps_its_head(tmp_path, vocab_d
         ElectraConfig(vocab_size=tokenizer.vocab_size, num_labels=2, **TINY)
     ).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    _, model = run_glue.load_model(str(path), TASKS["rte"], None)
+    _, model = load(path, TASKS["rte"])
     assert type(model).__name__ == "ElectraForSequenceClassification"
     trained = load_file(path / "model.safetensors")["classifier.out_proj.weight"]
     assert torch.equal(model.classifier.out_proj.weight, trained)
@@ -385,12 +401,12 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     for batch, steps in ((32, 1), (16, 2)):
         torch.manual_seed(0)
         model = modeling_electra.ElectraMoEForSequenceClassification(config)
-        args = run_glue.TrainingArguments(
+        args = TrainingArguments(
             output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
             max_steps=1, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0,
             report_to="none", use_cpu=True, save_strategy="no",
         )  # fmt: skip
-        trainer = run_glue.LayerwiseDecayTrainer(
+        trainer = glue_training.LayerwiseDecayTrainer(
             model=model, args=args, train_dataset=data, layerwise_lr_decay=1.0
         )
         trainer.train()
@@ -403,10 +419,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 @pytest.mark.parametrize("schedule", ["electra", "linear"])
 def test_learning_rate_schedule(schedule, tmp_path):
     model = modeling_electra.ElectraMoEForSequenceClassification(ElectraMoEConfig(vocab_size=100, **TINY))
-    args = run_glue.TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, report_to="none"
-    )
-    trainer = run_glue.LayerwiseDecayTrainer(
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, report_to="none")
+    trainer = glue_training.LayerwiseDecayTrainer(
         model=model, args=args, layerwise_lr_decay=1.0, lr_schedule=schedule
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
@@ -419,16 +433,17 @@ def test_learning_rate_schedule(schedule, tmp_path):
     # ELECTRA decays over all steps; transformers' from the end of warmup (about 11% higher at 10% warmup).
     assert rates[50] == pytest.approx(0.5 if schedule == "electra" else 50 / 90)
     args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte"])
-    assert args.lr_schedule == "electra" and args.double_unordered and args.gradient_accumulation_steps == 1
+    assert args.training.lr_schedule == "electra" and args.double_unordered
+    assert args.training.gradient_accumulation_steps == 1
 
 
 def test_stsb_targets_are_scaled_to_unit_range(moe_checkpoint):
     task = TASKS["stsb"]
     args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "stsb", "--glue_dir", str(GLUE_FIXTURES),
                                 "--no-double_unordered"])  # fmt: skip
-    splits, _ = run_glue.load_splits(args, "stsb")
-    tokenizer, _ = run_glue.load_model(str(moe_checkpoint), task, None)
-    raw, encoded = run_glue.encode_splits(args, task, splits, tokenizer, seed=1)
+    splits, _ = glue_training.load_splits(args, "stsb")
+    tokenizer, _ = load(moe_checkpoint, task)
+    raw, encoded = glue_training.encode_splits(args, task, splits, tokenizer, seed=1)
     for split in ("train", "validation"):
         assert max(raw[split]["label"]) > 1.0
         assert encoded[split]["label"] == pytest.approx([v / 5 for v in raw[split]["label"]])
@@ -437,15 +452,18 @@ def test_stsb_targets_are_scaled_to_unit_range(moe_checkpoint):
     )
     # Predictions (and labels, for the metrics) go back to 0-5.
     logits = np.array([[0.2], [0.9]])
-    assert run_glue.predictions_from_logits(task, logits, 5.0) == pytest.approx([1.0, 4.5])
-    metrics = run_glue.make_compute_metrics(task, 5.0)(run_glue.EvalPrediction(logits, np.array([0.2, 0.9])))
+    assert glue_training.predictions_from_logits(task, logits, 5.0) == pytest.approx([1.0, 4.5])
+    metrics = glue_training.make_compute_metrics(task, 5.0)(EvalPrediction(logits, np.array([0.2, 0.9])))
     assert metrics["pearson"] == pytest.approx(1.0)
-    assert run_glue.predictions_from_logits(TASKS["rte"], np.array([[0.2, 0.9]]), 5.0).tolist() == [1]
+    assert glue_training.predictions_from_logits(TASKS["rte"], np.array([[0.2, 0.9]]), 5.0).tolist() == [1]
     # --no-scale_targets trains on the 0-5 scores, as runs before ELECTRA's scaling did.
     unscaled = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "stsb", "--no-scale_targets"])
-    _, encoded = run_glue.encode_splits(unscaled, task, splits, tokenizer, seed=1)
+    _, encoded = glue_training.encode_splits(unscaled, task, splits, tokenizer, seed=1)
     assert encoded["validation"]["label"] == pytest.approx(raw["validation"]["label"])
-    assert run_glue.target_scale(unscaled, task) == 1.0 and run_glue.target_scale(args, TASKS["rte"]) == 1.0
+    assert (
+        glue_training.target_scale(unscaled, task) == 1.0
+        and glue_training.target_scale(args, TASKS["rte"]) == 1.0
+    )
 
 
 @pytest.mark.parametrize("task_name", ["mrpc", "stsb", "rte"])
@@ -453,10 +471,10 @@ def test_double_unordered_adds_swapped_pairs(task_name, moe_checkpoint):
     task = TASKS[task_name]
     argv = ["--model_name_or_path", "x", "--task_name", task_name, "--glue_dir", str(GLUE_FIXTURES),
             "--max_train_samples", "5"]  # fmt: skip
-    tokenizer, _ = run_glue.load_model(str(moe_checkpoint), task, None)
-    splits, _ = run_glue.load_splits(run_glue.parse_args(argv), task_name)
-    doubled, _ = run_glue.encode_splits(run_glue.parse_args(argv), task, splits, tokenizer, seed=1)
-    single, _ = run_glue.encode_splits(
+    tokenizer, _ = load(moe_checkpoint, task)
+    splits, _ = glue_training.load_splits(run_glue.parse_args(argv), task_name)
+    doubled, _ = glue_training.encode_splits(run_glue.parse_args(argv), task, splits, tokenizer, seed=1)
+    single, _ = glue_training.encode_splits(
         run_glue.parse_args([*argv, "--no-double_unordered"]), task, splits, tokenizer, 1
     )
     first, second = task.text_columns
@@ -468,3 +486,18 @@ def test_double_unordered_adds_swapped_pairs(task_name, moe_checkpoint):
     assert train[:5] == original[:]
     assert train[5:][first] == original[second] and train[5:][second] == original[first]
     assert train[5:]["label"] == original["label"]
+
+
+def test_help_shows_the_trainer_flags_with_their_defaults(capsys):
+    """TrainingArguments' flags as transformers users know them, each with its default; unset recipe values."""
+    with pytest.raises(SystemExit):
+        run_glue.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--fp16", "--bf16", "--report_to", "--gradient_checkpointing", "--torch_compile", "--save_steps",
+                 "--save_total_limit", "--logging_steps", "--dataloader_num_workers", "--seed SEED [SEED ...]"):  # fmt: skip
+        assert flag in text, flag
+    assert "(default: 0.1)" in text and "(default: 50)" in text and "(default: [42])" in text
+    args = run_glue.parse_args(["--model_name_or_path", "x", "--task_name", "rte", "--learning_rate", "1e-4",
+                                "--save_steps", "7", "--seed", "1", "2"])  # fmt: skip
+    assert (args.training.learning_rate, args.training.num_train_epochs) == (1e-4, None)  # unset: by task
+    assert (args.training.save_steps, args.training.seed) == (7, [1, 2])

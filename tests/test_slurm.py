@@ -2,8 +2,8 @@
 
 One module fixture submits everything at once so the jobs overlap on the node: the pretraining array
 (dense and 4-expert top-2), the GLUE array waiting on it with `--dependency=afterok`, a pretraining job
-that is sent USR1 part-way, a two-process (srun + torchrun) job that is sent USR1 part-way, and a job
-that fails for real. GPU requests are turned off with the documented override SBATCH_GPUS_PER_NODE=0.
+that is sent USR1 part-way, a two-process (srun + torchrun) job that is sent USR1 part-way, a GLUE job
+that is sent USR1 part-way, and a job that fails for real. GPU requests are turned off with the documented override SBATCH_GPUS_PER_NODE=0.
 
 The cluster needs root and apt (Debian's slurmctld, slurmd, slurm-client, munge, shellcheck are installed
 when missing). Elsewhere these tests skip with the reason; with CI=true a skip is a failure.
@@ -37,6 +37,10 @@ USAGE_EXIT_CODE = 2
 NUM_STEPS = 40
 STUDY_TIMEOUT_S = 900
 SIGNAL_AFTER_STEP = 2  # the first metrics line; signalled runs are then well short of NUM_STEPS
+SIGNALLED_GLUE_EPOCHS = 30
+SIGNALLED_GLUE_STEPS = (
+    SIGNALLED_GLUE_EPOCHS * 3
+)  # RTE's 12 fixture rows in batches of 4; a checkpoint every 2
 TINY_PRETRAIN_ARGS = [
     "--model_size", "tiny", "--max_seq_length", "32", "--batch_size", "4",
     "--max_training_steps", str(NUM_STEPS), "--logging_steps", "2",
@@ -306,6 +310,14 @@ def study(slurm_cluster, tmp_path_factory, vocab_dir):
                       {"CONFIGS": "2:1", "PRETRAIN_DIR": "outputs/ddp", "NPROC_PER_NODE": "2"},
                       [*pretrain_args, "--batch_size", "2"]),
     }  # fmt: skip
+    # A longer GLUE run on the dense model, sent USR1 once it has saved a Trainer checkpoint.
+    jobs["glue_signalled"] = submit(
+        GLUE_SCRIPT,
+        [f"--dependency=afterok:{jobs['pretrain']}", "--array=0", "--cpus-per-task=1"],
+        {"TASKS": "rte", "SEEDS": GLUE_SEED, "GLUE_OUTPUT_DIR": "outputs/glue_signalled",
+         "MODELS": "outputs/pretrain/electra-tiny/discriminator"},
+        [*TINY_GLUE_ARGS, "--num_train_epochs", str(SIGNALLED_GLUE_EPOCHS), "--save_steps", "2"],
+    )  # fmt: skip
     jobs["glue"] = submit(
         GLUE_SCRIPT,
         [
@@ -320,12 +332,15 @@ def study(slurm_cluster, tmp_path_factory, vocab_dir):
     to_signal = {
         f"{jobs['signalled']}_0": work / "outputs/signalled/electra-tiny-moe4-top2",
         f"{jobs['ddp']}_0": work / "outputs/ddp/electra-tiny-moe2-top1",
+        f"{jobs['glue_signalled']}_0": work / "outputs/glue_signalled/electra-tiny/rte" / f"seed_{GLUE_SEED}",
     }
     signal_steps = {}
     deadline = time.monotonic() + STUDY_TIMEOUT_S
     while to_signal and time.monotonic() < deadline:
         for task, run_dir in list(to_signal.items()):
-            steps = [step for step, split in metrics_steps(run_dir) if split == "train"]
+            steps = [step for step, split in metrics_steps(run_dir) if split == "train"] or glue_checkpoints(
+                run_dir
+            )
             if steps and steps[-1] >= SIGNAL_AFTER_STEP:
                 cluster.run(["scancel", "--batch", "--signal=USR1", task])
                 signal_steps[task] = steps[-1]
@@ -341,6 +356,12 @@ def study(slurm_cluster, tmp_path_factory, vocab_dir):
     assert len(gather) == 1, f"expected one gather job, found {gather}"
     states.update(cluster.wait(gather, timeout=max(deadline - time.monotonic(), 1)))
     return {"work": work, "jobs": jobs, "states": states, "gather": gather[0], "signal_steps": signal_steps}
+
+
+def glue_checkpoints(run_dir: Path) -> list[int]:
+    """The steps of the Trainer checkpoints in a run_glue.py run folder, oldest first."""
+    found = [re.fullmatch(r"checkpoint-(\d+)", p.name) for p in run_dir.glob("checkpoint-*")]
+    return sorted(int(match.group(1)) for match in found if match)
 
 
 def log_tails(work: Path, lines: int = 15) -> str:
@@ -436,3 +457,17 @@ def test_glue_array_after_pretraining_writes_what_gather_reads(study, slurm_clus
     assert "electra-tiny-moe4-top2" in summary
     gather_log = (study["work"] / "slurm_logs" / f"electra_moe_glue_gather_{study['gather']}.out").read_text()
     assert re.search(r"^\|\s*electra-tiny\s*\|", gather_log, re.MULTILINE), gather_log[-2000:]
+
+
+def test_usr1_stops_a_glue_run_which_is_requeued_and_resumed(study, slurm_cluster):
+    task = f"{study['jobs']['glue_signalled']}_0"
+    assert study["states"][task] == "COMPLETED"
+    assert slurm_cluster.job_info(task)["Restarts"] == "1"
+    log = log_of(study, "glue_signalled", 0, name="electra_moe_glue")
+    assert "got SIGUSR1" in log and f"run_glue.py exited with status {REQUEUE_EXIT_CODE}" in log
+    assert f"requeueing {task}" in log and "(restart 1)" in log and "resuming from" in log
+    assert study["signal_steps"][task] < SIGNALLED_GLUE_STEPS
+    run_dir = study["work"] / "outputs/glue_signalled/electra-tiny/rte" / f"seed_{GLUE_SEED}"
+    assert (run_dir / "eval_results.json").is_file() and not glue_checkpoints(run_dir)
+    history = [json.loads(line) for line in (run_dir / "log_history.jsonl").read_text().splitlines()]
+    assert max(record["step"] for record in history) == SIGNALLED_GLUE_STEPS

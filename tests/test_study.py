@@ -80,6 +80,7 @@ def test_pipeline_end_to_end_on_the_demo_sample(tmp_path, capsys):
         "max_eval_samples": 64,
     }
     demo["glue"]["random_init_baselines"] = ["dense"]
+    demo["glue"].pop("checkpoint_steps")  # learning curves: tests/test_glue_learning_curve.py
     config = tmp_path / "tiny_demo.json"
     config.write_text(json.dumps(demo))
     out = tmp_path / "study"
