@@ -115,7 +115,9 @@ def convert_bert_to_electra(checkpoint_dir: Path) -> ElectraMoEModel:
 def build_argument_parser() -> argparse.ArgumentParser:
     """The command line; the MoE flags are modeling_electra_config.py's declarations."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="convert_bert_checkpoint.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--bert_path",

@@ -85,7 +85,9 @@ EXIT_PROBLEMS = 1
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="gather_glue_results.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "results_dir", type=Path, help="run_glue.py --output_dir (or one model's folder in it)"

@@ -255,6 +255,7 @@ def build_argument_parser() -> HfArgumentParser:
     """Every flag of run_glue.py, with its default in --help."""
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, GlueTrainingArguments),
+        prog="run_glue.py",
         description=__doc__,
         formatter_class=HelpFormatter,
     )
@@ -354,7 +355,7 @@ def resolve_hyperparameters(
         "classifier_head": getattr(config, "classifier_head", None),
         "double_unordered": args.double_unordered and TASKS[task_name].unordered_pair,
         "target_scale": target_scale(args, TASKS[task_name]),
-        "max_seq_length": args.max_seq_length,
+        "max_seq_length": args.max_seq_length or min(MAX_SEQ_LENGTH, config.max_position_embeddings),
         "warmup_steps": training.warmup_steps,
         "weight_decay": training.weight_decay,
         "adam_epsilon": training.adam_epsilon,

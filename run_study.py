@@ -280,9 +280,12 @@ def parsed_flag(script: str, key: str, value: Any, where: str) -> tuple[Any, lis
         except SystemExit:
             message = (stderr.getvalue().strip().splitlines() or ["rejected"])[-1].split(": error: ", 1)[-1]
         required = re.fullmatch(r"the following arguments are required: (.*)", message)
-        choice = re.fullmatch(r"argument (--\w+): invalid choice: .* \(choose from '([^']*)'.*", message)
-        if required and f"--{key}" not in required.group(1).split(", "):
-            stand_ins |= {flag: "-" for flag in required.group(1).split(", ")}
+        choice = re.fullmatch(
+            r"argument (--\w+)(?:/--[\w-]+)*: invalid choice: .* \(choose from '([^']*)'.*", message
+        )
+        flags = [names.split("/")[0] for names in required.group(1).split(", ")] if required else []
+        if required and f"--{key}" not in flags:
+            stand_ins |= {flag: "-" for flag in flags}
         elif choice and choice.group(1) in stand_ins:
             stand_ins[choice.group(1)] = choice.group(2)
         else:
@@ -483,7 +486,7 @@ def execute_notebook(
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="run_study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "study_configs" / "demo.json")
     parser.add_argument(

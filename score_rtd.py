@@ -318,7 +318,7 @@ def score_fixed_eval_set(model: Any, path: str, batch_size: int) -> dict[str, An
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="score_rtd.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--eval_set", type=Path, required=True, help="the set (.npz); built if it does not exist"

@@ -113,7 +113,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     """The command line: every flag with its default (an argument table)."""
     from modeling_electra_config import PRESETS, SIZE_FIELDS, add_hyperparameter_flags
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="wikitext_trainer.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", default=DEFAULT_DATASET_NAME, help="Hugging Face Hub dataset")
     data.add_argument(
