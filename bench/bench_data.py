@@ -160,20 +160,28 @@ def run_training(corpus: Path, cache: Path, steps: int, work_dir: Path) -> dict:
     return {"maxrss_mib": int(peak_kib) // 1024, "seconds": float(seconds), **sampled}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--prepare"]:
-        print(json.dumps(prepare(argv[1:])))
-        return 0
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=10, help="steps of the 2-process run (0: no run)")
     parser.add_argument("--work_dir", default="/tmp/bench-data")
     parser.add_argument("--output", default="bench/results/bench_data_cpu.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--prepare"]:  # the measured child process (run_prepare)
+        print(json.dumps(prepare(argv[1:])))
+        return 0
+    args = parse_args(argv)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -78,15 +78,23 @@ def sample_boundaries(segmented: list[list[str]], count: int, seed: int) -> list
     return [f"... {a[-45:]} | {b[:45]} ..." for a, b in chosen]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench_segmenters.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--file", default="../shared/data/wikitext-2/wiki.valid.tokens")
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget per candidate")
     parser.add_argument("--boundaries", type=int, default=50)
     parser.add_argument("--output", default="bench/results/bench_segmenters.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     texts = paragraphs(args.file)
     results = {}
     for name, segment in candidates().items():
