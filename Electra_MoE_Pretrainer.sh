@@ -19,6 +19,8 @@
 #   mkdir -p slurm_logs
 #   sbatch Electra_MoE_Pretrainer.sh [CONDA_ENV | VENV_DIR] [wikitext_trainer.py arguments ...]
 #   sbatch Electra_MoE_Pretrainer.sh electra_moe --model_size small --max_training_steps 1000000
+#   sbatch --gpus-per-node=8 Electra_MoE_Pretrainer.sh electra_moe --model_size large --sharding fsdp \
+#       --gradient_checkpointing --mixed_precision bf16     # larger than one GPU: docs/pretraining.md
 #
 # The defaults above ask for nothing site-specific. Override them on the sbatch command line, or with
 # sbatch's own environment variables (the command line wins over the environment, which wins over the

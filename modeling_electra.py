@@ -26,7 +26,6 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
-    PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -62,7 +61,6 @@ __all__ = [
     "ElectraMoEForMaskedLM",
     "ElectraMoEForSequenceClassification",
     "make_generator_config",
-    "upcycle_dense_to_moe",
 ]
 
 IGNORE_INDEX = -100
@@ -116,16 +114,15 @@ class ElectraMoEHeadOutput(ModelOutput):
     experts_per_token: torch.Tensor | None = None
 
 
+# The per-MoE-layer router statistics, named once: the outputs above and RouterOutput carry them under these
+# names, and the pretraining metrics (rtd.py) and TensorBoard tags derive theirs from this tuple.
+ROUTER_STATISTICS = ("expert_load", "router_entropy", "dropped_fraction", "experts_per_token")
+ROUTER_LOSSES = ("aux_loss", "z_loss", "router_loss")
 ROUTER_FIELDS = (
     "router_logits",
-    "aux_loss",
-    "z_loss",
-    "router_loss",
-    "expert_load",
-    "router_entropy",
-    "dropped_fraction",
-    "experts_per_token",
-)
+    *ROUTER_LOSSES,
+    *ROUTER_STATISTICS,
+)  # the outputs' fields after hidden_states
 
 
 @dataclass
@@ -141,7 +138,7 @@ class RouterOutput:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     expert_load: torch.Tensor
-    entropy: torch.Tensor
+    router_entropy: torch.Tensor
     dropped_fraction: torch.Tensor
     experts_per_token: torch.Tensor
 
@@ -421,7 +418,7 @@ class ElectraMoEPreTrainedModel(ElectraPreTrainedModel):
         """Load as transformers does, but refuse a checkpoint that lacks MoE weights.
 
         Without this check a dense checkpoint read into an MoE config trains freshly initialised experts
-        (the original study's baseline bug). Use `upcycle_dense_to_moe` for that on purpose.
+        (the original study's baseline bug). Use `upcycling.upcycle_dense_to_moe` for that on purpose.
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -430,7 +427,7 @@ class ElectraMoEPreTrainedModel(ElectraPreTrainedModel):
             raise ValueError(
                 f"The checkpoint has no weights for {len(missing_moe)} MoE parameters (e.g. {missing_moe[:4]}); "
                 "they would be trained from a random initialisation. Load the checkpoint with its own "
-                "config (num_experts as saved), or convert a dense checkpoint with upcycle_dense_to_moe()."
+                "config (num_experts as saved), or convert a dense checkpoint with upcycling.upcycle_dense_to_moe()."
             )
         return (model, info) if want_info else model
 
@@ -439,9 +436,7 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
     """Average the per-layer router losses and stack the per-layer statistics."""
     if not routers:
         zero = torch.zeros((), device=device)
-        return dict(router_logits=None, aux_loss=zero, z_loss=zero, router_loss=zero,
-                    expert_load=None, router_entropy=None, dropped_fraction=None,
-                    experts_per_token=None)  # fmt: skip
+        return dict(dict.fromkeys(ROUTER_FIELDS), **dict.fromkeys(ROUTER_LOSSES, zero))
     aux = torch.stack([r.aux_loss for r in routers]).mean()
     z = torch.stack([r.z_loss for r in routers]).mean()
     return dict(
@@ -449,10 +444,7 @@ def summarize_routers(routers: list[RouterOutput], config: ElectraMoEConfig, dev
         aux_loss=aux,
         z_loss=z,
         router_loss=config.router_aux_loss_coef * aux + config.router_z_loss_coef * z,
-        expert_load=torch.stack([r.expert_load for r in routers]),
-        router_entropy=torch.stack([r.entropy for r in routers]),
-        dropped_fraction=torch.stack([r.dropped_fraction for r in routers]),
-        experts_per_token=torch.stack([r.experts_per_token for r in routers]),
+        **{name: torch.stack([getattr(r, name) for r in routers]) for name in ROUTER_STATISTICS},
     )
 
 
@@ -660,81 +652,6 @@ class ElectraMoEForSequenceClassification(ElectraMoEPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.float())
         return _head_output(loss, logits, out)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Upcycling a dense checkpoint
-# ----------------------------------------------------------------------------------------------------------
-
-_UPCYCLE_TARGETS = {
-    "ElectraModel": ElectraMoEModel,
-    "ElectraForPreTraining": ElectraMoEForPreTraining,
-    "ElectraForMaskedLM": ElectraMoEForMaskedLM,
-    "ElectraForSequenceClassification": ElectraMoEForSequenceClassification,
-}
-_UPCYCLE_TARGETS.update({cls.__name__: cls for cls in _UPCYCLE_TARGETS.values()})
-
-
-@torch.no_grad()
-def upcycle_dense_to_moe(
-    dense_model: PreTrainedModel, moe_config: ElectraMoEConfig
-) -> ElectraMoEPreTrainedModel:
-    """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of the dense FFN.
-
-    `dense_model` is an ELECTRA or `num_experts=1` ElectraMoE model; `moe_config` must have the same
-    dimensions (and `expert_intermediate_size == intermediate_size`). Only the routers are freshly
-    initialised; with `norm_topk_prob=True` (or `top_k == num_experts`) the upcycled model computes the same
-    function as the dense one.
-    """
-    target_cls = _UPCYCLE_TARGETS.get(type(dense_model).__name__)
-    if target_cls is None:
-        raise ValueError(
-            f"Cannot upcycle {type(dense_model).__name__}; expected one of {sorted(_UPCYCLE_TARGETS)}"
-        )
-    dense_config = dense_model.config
-    for field in ("hidden_size", "num_hidden_layers", "embedding_size", "vocab_size", "num_attention_heads"):
-        if getattr(dense_config, field) != getattr(moe_config, field):
-            raise ValueError(
-                f"{field} differs: dense {getattr(dense_config, field)} vs MoE {getattr(moe_config, field)}"
-            )
-    if moe_config.expert_intermediate_size != dense_config.intermediate_size:
-        raise ValueError(
-            f"expert_intermediate_size ({moe_config.expert_intermediate_size}) must equal the dense "
-            f"intermediate_size ({dense_config.intermediate_size}) to copy the FFN into every expert"
-        )
-    if getattr(dense_config, "num_experts", 1) != 1:
-        raise ValueError("upcycle_dense_to_moe expects a dense model (num_experts=1)")
-
-    model = target_cls(moe_config)
-    dense_state = dense_model.state_dict()
-    missing, _ = model.load_state_dict(dense_state, strict=False)
-    encoder = model.encoder if isinstance(model, ElectraMoEModel) else model.electra.encoder
-    prefix = "encoder." if isinstance(model, ElectraMoEModel) else "electra.encoder."
-    for i in moe_config.moe_layer_indices:
-        moe = encoder.layer[i].moe
-        src = f"{prefix}layer.{i}."
-        moe.experts.weight_in.copy_(
-            dense_state[src + "intermediate.dense.weight"].t().unsqueeze(0).expand_as(moe.experts.weight_in)
-        )
-        moe.experts.bias_in.copy_(
-            dense_state[src + "intermediate.dense.bias"].unsqueeze(0).expand_as(moe.experts.bias_in)
-        )
-        moe.experts.weight_out.copy_(
-            dense_state[src + "output.dense.weight"].t().unsqueeze(0).expand_as(moe.experts.weight_out)
-        )
-        moe.experts.bias_out.copy_(
-            dense_state[src + "output.dense.bias"].unsqueeze(0).expand_as(moe.experts.bias_out)
-        )
-        moe.LayerNorm.load_state_dict(
-            {
-                "weight": dense_state[src + "output.LayerNorm.weight"],
-                "bias": dense_state[src + "output.LayerNorm.bias"],
-            }
-        )
-    unexplained = [k for k in missing if not MOE_PARAMETER_PATTERN.search("." + k)]
-    if unexplained:
-        raise ValueError(f"The dense model lacks weights the MoE model needs: {unexplained[:8]}")
-    return model
 
 
 AutoConfig.register(ElectraMoEConfig.model_type, ElectraMoEConfig, exist_ok=True)

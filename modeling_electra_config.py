@@ -7,6 +7,7 @@ baseline and every MoE variant share one code path and one checkpoint format.
 from __future__ import annotations
 
 import copy
+from dataclasses import Field, field, fields
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -25,6 +26,33 @@ CLASSIFIER_HEADS = ("electra", "hf")
 # Switch Transformer (Fedus et al. 2021) load-balancing and ST-MoE (Zoph et al. 2022) router z-loss weights.
 SWITCH_AUX_LOSS_COEF = 0.01
 ST_MOE_Z_LOSS_COEF = 0.001
+
+
+# --- The MoE hyperparameters: each declared once, as a field of ElectraMoEConfig below -------------------------
+# A field made with `hyperparameter(...)` is a command-line flag of the same name (wikitext_trainer.py, and
+# those convert_bert_checkpoint.py names), with the field's default and type and the help given here. Its kind
+# says how a run treats it:
+ARCHITECTURE = (
+    "architecture"  # saved in config.json; a checkpoint continued from (--init_discriminator_from) fixes it
+)
+ROUTER_TRAINING = (
+    "router_training"  # saved in config.json, but how the router trains: a continued run sets it
+)
+# `changeable_on_resume=True` lets a resumed run change it (run_state.check_resume_args); none does so today.
+# The size fields are ElectraConfig's; PRESETS below declares them (flags that override the preset).
+
+
+def hyperparameter(
+    default: Any,
+    kind: str,
+    help: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    changeable_on_resume: bool = False,
+) -> Any:
+    """A config field that is also a command-line flag (see above)."""
+    metadata = dict(kind=kind, help=help, choices=choices, changeable_on_resume=changeable_on_resume)
+    return field(default=default, metadata=metadata)
+
 
 # Model sizes from the ELECTRA paper (Clark et al. 2020, Table 6); `tiny` is for tests and CPU runs.
 PRESETS: dict[str, dict[str, int]] = {
@@ -52,6 +80,17 @@ PRESETS: dict[str, dict[str, int]] = {
         intermediate_size=4096,
         embedding_size=1024,
     ),
+}
+# Pretraining defaults per size, the trainer's one table: `learning_rate` and `mask_prob` are the defaults of
+# --learning_rate and --mask_prob, ELECTRA's (configure_pretraining.py and the paper's Table 6: small 5e-4;
+# base and large 2e-4; mask_prob 0.15, large 0.25). ELECTRA's batch size and sequence length per size are not
+# defaults: the study keeps --batch_size 128 and --max_seq_length 128 for every size (docs/pretraining.md,
+# "Presets", says why).
+ELECTRA_PRETRAINING: dict[str, dict[str, float]] = {
+    "tiny": dict(learning_rate=5e-4, mask_prob=0.15),
+    "small": dict(learning_rate=5e-4, mask_prob=0.15),
+    "base": dict(learning_rate=2e-4, mask_prob=0.15),
+    "large": dict(learning_rate=2e-4, mask_prob=0.25),
 }
 # Generator width as a fraction of the discriminator's (ELECTRA paper, Section 3.2 and Table 6).
 GENERATOR_SIZE_BY_PRESET = {"tiny": 1 / 4, "small": 1 / 4, "base": 1 / 3, "large": 1 / 4}
@@ -145,7 +184,13 @@ class ElectraMoEConfig(ElectraConfig):
             Zhou et al.'s expert choice use the raw softmax scores; set it True to make an upcycled model
             compute the dense function on every token that some expert takes.
         router_jitter_noise: multiplicative input jitter for the router while training (Switch Transformer).
-        router_aux_loss_coef: weight of the Switch load-balancing loss.
+        router_aux_loss_coef: weight of the Switch load-balancing loss `E * sum_e f_e * P_e`, where `f_e` is
+            expert e's share of all routed top-k slots (the shares sum to 1, Megatron-LM's convention) and
+            `P_e` its mean router probability. At top-k this is 1/k of transformers'
+            `load_balancing_loss_func` (Mixtral, Qwen-MoE: shares per top-k rank, summing to k) for the same
+            logits: at top-2 half, so the same coefficient pushes half as hard here; use `k * c` here for
+            a coefficient `c` from there (tested in tests/test_pretrain_examples.py). At top-1 both are
+            Switch's loss.
         router_z_loss_coef: weight of the ST-MoE router z-loss.
         output_router_logits: also return each MoE layer's router logits.
         moe_implementation: expert dispatch; `"auto"` takes `grouped_mm` where torch has a fused kernel for
@@ -157,20 +202,31 @@ class ElectraMoEConfig(ElectraConfig):
 
     model_type = "electra_moe"
 
-    num_experts: int = 1
-    top_k: int = 2
-    moe_layers: list[int] | None = None
-    moe_layer_frequency: int = 1
-    expert_intermediate_size: int | None = None
-    capacity_factor: float | int | None = None
-    router_type: str = "softmax_topk"
-    expert_choice_scope: str = "sequence"
-    norm_topk_prob: bool = False
-    router_jitter_noise: float | int = 0.0
-    router_aux_loss_coef: float | int = SWITCH_AUX_LOSS_COEF
-    router_z_loss_coef: float | int = ST_MOE_Z_LOSS_COEF
+    num_experts: int = hyperparameter(1, ARCHITECTURE, "experts per MoE layer (1 = dense ELECTRA)")
+    top_k: int = hyperparameter(2, ARCHITECTURE, "experts per token")
+    moe_layers: list[int] | None = hyperparameter(
+        None, ARCHITECTURE, "encoder layers with an MoE block (default: all)"
+    )
+    moe_layer_frequency: int = hyperparameter(1, ARCHITECTURE, "every n-th layer is MoE")
+    expert_intermediate_size: int | None = hyperparameter(
+        None, ARCHITECTURE, "expert FFN width (default: intermediate_size)"
+    )
+    capacity_factor: float | int | None = hyperparameter(
+        None, ROUTER_TRAINING, "expert capacity factor (default: dropless)"
+    )
+    router_type: str = hyperparameter("softmax_topk", ARCHITECTURE, choices=ROUTER_TYPES)
+    expert_choice_scope: str = hyperparameter(
+        "sequence",
+        ROUTER_TRAINING,
+        "expert_choice router: experts pick tokens within each sequence or within the whole batch",
+        choices=EXPERT_CHOICE_SCOPES,
+    )
+    norm_topk_prob: bool = hyperparameter(False, ARCHITECTURE, "renormalise the top-k gate weights")
+    router_jitter_noise: float | int = hyperparameter(0.0, ROUTER_TRAINING)
+    router_aux_loss_coef: float | int = hyperparameter(SWITCH_AUX_LOSS_COEF, ROUTER_TRAINING)
+    router_z_loss_coef: float | int = hyperparameter(ST_MOE_Z_LOSS_COEF, ROUTER_TRAINING)
     output_router_logits: bool = False
-    moe_implementation: str = "auto"
+    moe_implementation: str = hyperparameter("auto", ROUTER_TRAINING, choices=MOE_IMPLEMENTATIONS)
     model_size: str | None = None
     classifier_head: str = "hf"
 
@@ -250,6 +306,61 @@ class ElectraMoEConfig(ElectraConfig):
         return cls(**kwargs)
 
 
+# --- Derived from the declaration ------------------------------------------------------------------------------
+
+
+def hyperparameter_fields(kind: str | None = None) -> tuple[Field, ...]:
+    """The fields declared with `hyperparameter(...)` (of one kind, if given), in declaration order."""
+    return tuple(
+        f for f in fields(ElectraMoEConfig) if "kind" in f.metadata and kind in (None, f.metadata["kind"])
+    )
+
+
+SIZE_FIELDS = tuple(PRESETS["small"])  # the ElectraConfig fields a preset sets; each flag overrides it
+MOE_FIELDS = tuple(f.name for f in hyperparameter_fields())
+# With --init_discriminator_from these come from the checkpoint's config (a flag would contradict it) ...
+ARCHITECTURE_FIELDS = (*SIZE_FIELDS, *(f.name for f in hyperparameter_fields(ARCHITECTURE)))
+# ... while these come from the flags, as in a fresh run.
+ROUTER_TRAINING_FIELDS = tuple(f.name for f in hyperparameter_fields(ROUTER_TRAINING))
+CHANGEABLE_ON_RESUME_FIELDS = frozenset(
+    f.name for f in hyperparameter_fields() if f.metadata["changeable_on_resume"]
+)
+# A field's annotation -> the flag's type (a list is `nargs="+"`, a bool `store_true`).
+FLAG_TYPES = {"int": int, "int | None": int, "list[int] | None": int, "str": str}
+FLAG_TYPES |= {"float | int": float, "float | int | None": float}
+
+
+def add_hyperparameter_flags(group: Any, names: tuple[str, ...], help: dict[str, str] | None = None) -> None:
+    """Add `--<name>` to an argparse parser or group for each size field or MoE hyperparameter in `names`,
+    with the declared default, type, choices and help (`help` replaces a flag's help text)."""
+    declared = {f.name: f for f in hyperparameter_fields()}
+    for name in names:
+        if name in SIZE_FIELDS:
+            group.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
+            continue
+        spec = declared[name]
+        kwargs: dict[str, Any] = dict(help=(help or {}).get(name, spec.metadata["help"]))
+        if spec.type == "bool":
+            assert spec.default is False, f"{name}: a store_true flag needs the default False"
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=FLAG_TYPES[spec.type], default=spec.default)
+        if spec.type.startswith("list["):
+            kwargs["nargs"] = "+"
+        if spec.metadata["choices"]:
+            kwargs["choices"] = spec.metadata["choices"]
+        group.add_argument(f"--{name}", **kwargs)
+
+
+def config_kwargs(config: Any, also_drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config's fields as keyword arguments for another config: without what `to_dict` records about the
+    saved file (model type, transformers version, architectures) and the keys in `also_drop`."""
+    kwargs = copy.deepcopy(config.to_dict())
+    for key in ("model_type", "transformers_version", "architectures", *also_drop):
+        kwargs.pop(key, None)
+    return kwargs
+
+
 def make_generator_config(
     disc_config: ElectraMoEConfig, generator_size: float | None = None, generator_moe: bool = False
 ) -> ElectraMoEConfig:
@@ -262,16 +373,7 @@ def make_generator_config(
         generator_size = GENERATOR_SIZE_BY_PRESET.get(disc_config.model_size, 1 / 4)
     if not 0 < generator_size <= 1:
         raise ValueError(f"generator_size must be in (0, 1], got {generator_size!r}")
-    kwargs = copy.deepcopy(disc_config.to_dict())
-    for key in (
-        "model_type",
-        "transformers_version",
-        "architectures",
-        "problem_type",
-        "id2label",
-        "label2id",
-    ):
-        kwargs.pop(key, None)
+    kwargs = config_kwargs(disc_config, also_drop=("problem_type", "id2label", "label2id"))
     heads = max(1, round(disc_config.num_attention_heads * generator_size))
     hidden = max(heads, round(disc_config.hidden_size * generator_size))
     hidden -= hidden % heads

@@ -10,11 +10,17 @@ the default of both trainers.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
+from torch import nn
 
 SCHEDULES = ("electra", "linear")
 LR_DECAY_POWER = 1.0  # ELECTRA's `lr_decay_power`
+# AdamW as ELECTRA pretrains (Clark et al. 2020, Table 6): no weight decay on biases and LayerNorm.
+NO_DECAY_KEYS = ("LayerNorm", "layer_norm", "bias")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-6
 
 
 def electra_lr_factor(step: int, num_warmup_steps: int, num_training_steps: int, power: float) -> float:
@@ -45,3 +51,12 @@ def make_schedule(
 
         return get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
     raise ValueError(f"learning-rate schedule must be one of {SCHEDULES}, got {name!r}")
+
+
+def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay everywhere except biases and LayerNorm (ELECTRA's exclusion list)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(key in name for key in NO_DECAY_KEYS) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,16 +1,22 @@
-"""How the project writes results: atomically (a crash never leaves half a file or folder) and as tables.
+"""How the project writes results: atomically (a crash never leaves half a file or folder) and as tables; and
+how it reads back the JSON-lines files it appends to (one policy for a line cut short).
 
-One place for both, so every script (pretraining, GLUE, gathering, benchmarks) writes the same way.
+One place for these, so every script (pretraining, GLUE, gathering, benchmarks) and the notebook agree.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from input_checks import InputError
+
+logger = logging.getLogger(__name__)
 
 TABLE_FORMATS = ("markdown", "latex")
 
@@ -69,6 +75,29 @@ def write_json_atomically(path: Path, payload: Any, **dump_kwargs: Any) -> None:
     """`json.dumps(payload, indent=2)` plus a newline, written atomically; extra kwargs go to `json.dumps`."""
     dump_kwargs.setdefault("indent", 2)
     write_text_atomically(path, json.dumps(payload, **dump_kwargs) + "\n")
+
+
+def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """`(line, record)` for each non-empty line of a JSON-lines file we append to (metrics.jsonl).
+
+    The one policy for a line that is not JSON: the last line is a write cut short (a kill, or a run still
+    writing), dropped with a warning; any other is an InputError naming it.
+    """
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError as error:
+            if number == len(lines):
+                logger.warning("Dropping the incomplete last line of %s: %r", path, line[:80])
+                break
+            raise InputError(
+                f"{path} line {number} is not valid JSON ({error}); fix or delete that line"
+            ) from error
+    return records
 
 
 def render_table(frame: Any, fmt: str = "markdown", index: bool = False, floatfmt: str = "g") -> str:

@@ -4,7 +4,12 @@
 fixed count per sequence, as ELECTRA's `pretrain_helpers.mask`), let the small generator (a masked LM)
 predict them, sample replacements from its output, and train the discriminator to tell every original
 token from a replaced one. `MetricWindow` turns the statistics the
-forward returns into the logged metrics. Constants follow google-research/electra
+forward returns into the logged metrics.
+
+Keyed randomness: given `example_keys` (from `example_keys(seed, step, example indices)`), every random
+number of the masking and the sampling is a hash of (seed, step, example, stream, position), so an example's
+masks and replacements do not depend on which process, batch or batch position it lands in: N processes
+draw exactly what one process draws. Constants follow google-research/electra
 (`configure_pretraining.py`, `pretrain_helpers.py`).
 """
 
@@ -16,11 +21,85 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling_electra import ROUTER_STATISTICS
+
 MASK_PROB = 0.15
 # pretrain_helpers.mask(): 85% of the selected positions become [MASK], the other 15% stay unchanged.
 MASK_TOKEN_FRACTION = 0.85
 GEN_WEIGHT = 1.0
 DISC_WEIGHT = 50.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keyed randomness: counter-based uniforms from a 32-bit hash (murmur3's finaliser), vectorised in int64
+# ----------------------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_KEY_START = 0x9E3779B9  # not 0, which mix32 maps to itself
+# Streams: which random quantity a number is for (hashed in, so the streams are independent).
+STREAM_MASK_SCORES, STREAM_MASK_TOKEN, STREAM_SAMPLE = 1, 2, 3
+SPLITS = {"train": 0, "validation": 1}
+
+
+def _mul32(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """(h * constant) mod 2^32 for h in [0, 2^32), in two 16-bit halves so no int64 product overflows."""
+    high, low = constant >> 16, constant & 0xFFFF
+    return ((((h * high) & 0xFFFF) << 16) + h * low) & _MASK32
+
+
+def mix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's fmix32 on an int64 tensor of values in [0, 2^32): a bijection with full avalanche."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def example_keys(
+    seed: int, step: int, example_indices: Any, split: str = "train", device: torch.device | str | None = None
+) -> torch.Tensor:
+    """[batch] int64 keys in [0, 2^32), one per example: a hash of (seed, split, step, example index).
+
+    `example_indices` are the examples' indices in the whole dataset (not in the batch), so a key, and
+    with it every random number `ElectraPretrainingModel` draws for the example, is the same whatever
+    process or micro-batch the example is in. Pass the result as the forward's `example_keys`.
+    """
+    index = torch.as_tensor(example_indices, dtype=torch.long, device=device)
+    h = torch.full_like(index, _KEY_START)
+    for word in (
+        seed & _MASK32,
+        (seed >> 32) & _MASK32,
+        SPLITS[split],
+        step & _MASK32,
+        (step >> 32) & _MASK32,
+    ):
+        h = mix32(h ^ word)
+    h = mix32(h ^ (index & _MASK32))
+    return mix32(h ^ ((index >> 32) & _MASK32))
+
+
+def position_keys(keys: torch.Tensor, stream: int, length: int) -> torch.Tensor:
+    """[rows, length] hashed keys for the positions 0..length-1 of each row's `stream`."""
+    base = mix32(mix32(keys ^ stream))
+    return mix32(base.unsqueeze(-1) ^ torch.arange(length, device=keys.device))
+
+
+def keyed_uniform(keys: torch.Tensor) -> torch.Tensor:
+    """One fp32 uniform in [0, 1) per hashed key (its top 24 bits, as many as `torch.rand` has for fp32)."""
+    return (keys >> 8).float() * 2.0**-24
+
+
+def keyed_uniform_fp64(keys: torch.Tensor) -> torch.Tensor:
+    """One fp64 uniform in [0, 1) per key, with 53 random bits from two further hashes of it."""
+    high = mix32(keys ^ 0x68E31DA4) >> 6  # 26 bits
+    low = mix32(keys ^ 0xB5297A4D) >> 5  # 27 bits
+    return (high * 2**27 + low).double() * 2.0**-53
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking, sampling, replacing
+# ----------------------------------------------------------------------------------------------------------
 
 
 def max_predictions_per_seq(seq_length: int, mask_prob: float = MASK_PROB) -> int:
@@ -44,35 +123,63 @@ def mask_tokens(
     mask_prob: float = MASK_PROB,
     mask_token_fraction: float = MASK_TOKEN_FRACTION,
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ELECTRA's `pretrain_helpers.mask`: in each sequence, mask `max(1, min(max_predictions_per_seq,
     round(mask_prob * real tokens)))` maskable positions drawn uniformly; 85% become `[MASK]`, the rest stay.
 
     Returns `(masked_input_ids, is_masked)`. The positions are distinct (ELECTRA draws them with
     replacement, so a repeated draw occasionally masks one fewer); a sequence with fewer maskable tokens
-    than the count has all of them masked.
+    than the count has all of them masked. With `keys` ([batch], from `example_keys`) the draws are keyed
+    per example and position instead of coming from `generator` (or torch's global generator).
     """
     real_tokens = attention_mask.sum(dim=-1).float()
     limit = max_predictions_per_seq(input_ids.shape[-1], mask_prob)
     count = torch.round(real_tokens * mask_prob).clamp(min=1, max=max(1, limit)).long()
     # Random scores, unmaskable positions last: a position is picked when its rank is below the count.
-    scores = torch.rand(input_ids.shape, device=input_ids.device, generator=generator).masked_fill(
-        ~maskable, 2.0
-    )
-    ranks = scores.argsort(dim=-1).argsort(dim=-1)
+    scores = draw_uniform(input_ids.shape, input_ids.device, generator, keys, STREAM_MASK_SCORES)
+    ranks = scores.masked_fill(~maskable, 2.0).argsort(dim=-1).argsort(dim=-1)
     is_masked = (ranks < count.unsqueeze(-1)) & maskable
-    keep_draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    keep_draws = draw_uniform(input_ids.shape, input_ids.device, generator, keys, STREAM_MASK_TOKEN)
     use_mask_token = is_masked & (keep_draws < mask_token_fraction)
     return input_ids.masked_fill(use_mask_token, mask_token_id), is_masked
 
 
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row at temperature 1 by the Gumbel-max trick, in fp32 and without gradient."""
-    logits = logits.detach().float()
-    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
-    tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 1e-7)))
-    return (logits + gumbel).argmax(dim=-1)
+def draw_uniform(
+    shape: torch.Size,
+    device: torch.device,
+    generator: torch.Generator | None,
+    keys: torch.Tensor | None,
+    stream: int,
+) -> torch.Tensor:
+    """[rows, length] uniforms in [0, 1): keyed per row and position when `keys` ([rows]) is given."""
+    if keys is None:
+        return torch.rand(shape, device=device, generator=generator)
+    return keyed_uniform(position_keys(keys.to(device), stream, shape[-1]))
+
+
+def sample_tokens(
+    logits: torch.Tensor, generator: torch.Generator | None = None, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sample one token per row at temperature 1 by inverting its distribution function with one uniform
+    per row (softmax in fp32, cumulative sum in fp64; no gradient).
+
+    `keys` ([rows]): one key per row (a masked position, see `masked_position_keys`), the uniform keyed by
+    it; otherwise drawn from `generator`. One number per row, not one per vocabulary entry as the
+    Gumbel-max trick needs, keeps the keyed draw cheap.
+    """
+    cdf = logits.detach().float().softmax(dim=-1).double().cumsum(dim=-1)
+    if keys is None:
+        uniform = torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device, generator=generator)
+    else:
+        uniform = keyed_uniform_fp64(keys.to(cdf.device))
+    target = (uniform * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def masked_position_keys(keys: torch.Tensor, is_masked: torch.Tensor) -> torch.Tensor:
+    """One key per masked position, in `tensor[is_masked]` order: the sampling's per-row keys."""
+    return position_keys(keys.to(is_masked.device), STREAM_SAMPLE, is_masked.shape[-1])[is_masked]
 
 
 def replace_tokens(
@@ -129,7 +236,10 @@ class ElectraPretrainingModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        example_keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`example_keys` ([batch], from `rtd.example_keys`): draw masks and samples keyed per example (the
+        same on any number of processes); without them, from torch's global generator."""
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
         active = attention_mask.bool()  # padding takes no part in masking, losses, routing or metrics
@@ -137,7 +247,7 @@ class ElectraPretrainingModel(nn.Module):
         # 1. Mask: a fixed count per sequence among the real tokens other than [CLS]/[SEP]/[MASK].
         maskable = maskable_positions(input_ids, attention_mask, self.unmaskable_ids)
         masked_ids, is_masked = mask_tokens(
-            input_ids, maskable, attention_mask, self.mask_token_id, self.mask_prob
+            input_ids, maskable, attention_mask, self.mask_token_id, self.mask_prob, keys=example_keys
         )
 
         # 2. Generator: MLM logits only at the masked positions (ELECTRA gathers them the same way).
@@ -149,7 +259,8 @@ class ElectraPretrainingModel(nn.Module):
 
         # 3. Replace: sample from the generator (no gradient flows back through the sample).
         with torch.no_grad():
-            sampled = sample_tokens(gen_logits)
+            row_keys = None if example_keys is None else masked_position_keys(example_keys, is_masked)
+            sampled = sample_tokens(gen_logits, keys=row_keys)
         disc_input, labels = replace_tokens(input_ids, is_masked, sampled)
 
         # 4. Discriminator: original vs replaced on every real token.
@@ -212,10 +323,7 @@ def rtd_statistics(
     }
     for prefix, out in (("", disc_out), ("gen_", gen_out)):
         if out.expert_load is not None:
-            stats[f"{prefix}expert_load"] = out.expert_load.detach().float()
-            stats[f"{prefix}router_entropy"] = out.router_entropy.detach().float()
-            stats[f"{prefix}dropped_fraction"] = out.dropped_fraction.detach().float()
-            stats[f"{prefix}experts_per_token"] = out.experts_per_token.detach().float()
+            stats |= {f"{prefix}{name}": getattr(out, name).detach().float() for name in ROUTER_STATISTICS}
     if gen_out.expert_load is not None:
         stats["gen_aux_loss"] = gen_out.aux_loss.detach()
         stats["gen_z_loss"] = gen_out.z_loss.detach()
@@ -264,16 +372,7 @@ class MetricWindow:
             "aux_loss": mean["aux_loss"].item(),
             "z_loss": mean["z_loss"].item(),
         }
-        for name in (
-            "expert_load",
-            "router_entropy",
-            "dropped_fraction",
-            "experts_per_token",
-            "gen_expert_load",
-            "gen_router_entropy",
-            "gen_dropped_fraction",
-            "gen_experts_per_token",
-        ):
+        for name in (*ROUTER_STATISTICS, *(f"gen_{name}" for name in ROUTER_STATISTICS)):
             if name in mean:
                 metrics[name] = mean[name].tolist()
         for name in ("gen_aux_loss", "gen_z_loss"):

@@ -66,9 +66,11 @@ from input_checks import (
     InputError,
     check_tokenizer_path,
     check_writable,
+    finished_run_model,
     looks_like_local_path,
+    unstated_moe_fields,
 )
-from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig
+from modeling_electra_config import CLASSIFIER_HEADS, PRESETS, ElectraMoEConfig, config_kwargs
 from optimization import SCHEDULES, make_schedule
 from outputs import write_atomically, write_json_atomically, write_text_atomically
 from runlock import is_main_process, run_lock
@@ -106,7 +108,7 @@ TOKENIZER_FIX_GLUE = (
 ELECTRA_MODEL_TYPES = ("electra", "electra_moe")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -204,6 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="electra: linear decay to 0 over all steps times min(1, step / warmup) (ELECTRA's); linear: "
         "transformers' (decay from the end of warmup), what runs before this flag used",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -455,12 +462,9 @@ def cell_locks(output_dir: Path, model_name: str, runs: list[tuple[str, int]]) -
 def resolve_checkpoint(name_or_path: str) -> str:
     """A pretraining run dir (with discriminator/) resolves to its discriminator; anything else is as given."""
     path = Path(name_or_path)
-    if (
-        path.is_dir()
-        and not (path / "config.json").is_file()
-        and (path / "discriminator" / "config.json").is_file()
-    ):
-        return str(path / "discriminator")
+    model = finished_run_model(path)
+    if model is not None and not (path / "config.json").is_file():
+        return str(model)
     return name_or_path
 
 
@@ -482,12 +486,9 @@ def check_moe_config_is_explicit(checkpoint: str) -> dict[str, Any]:
 
     Returns the config as saved."""
     config_dict, _ = PretrainedConfig.get_config_dict(checkpoint)
-    if config_dict.get("model_type") == "electra_moe":
-        missing = [key for key in ("num_experts", "top_k") if key not in config_dict]
-        if missing:
-            raise ValueError(
-                f"{checkpoint}/config.json has model_type electra_moe but no {missing}; re-save it"
-            )
+    missing = unstated_moe_fields(config_dict)
+    if missing:
+        raise ValueError(f"{checkpoint}/config.json has model_type electra_moe but no {missing}; re-save it")
     return config_dict
 
 
@@ -540,10 +541,7 @@ def classification_config(checkpoint: str, task: GlueTask, head: str | None) -> 
     if head is None:
         return config
     if config.model_type == "electra" and head == "electra":
-        fields = config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version"):
-            fields.pop(key, None)
-        return ElectraMoEConfig(**fields, num_experts=1, classifier_head=head)
+        return ElectraMoEConfig(**config_kwargs(config), num_experts=1, classifier_head=head)
     if config.model_type == "electra_moe":
         config.classifier_head = head
     return config

@@ -23,15 +23,24 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from outputs import publish, remove, write_json_atomically, write_text_atomically
-from pretrain_data import InputError
+from input_checks import InputError, finished_run_model, holds_files, nearest_existing
+from modeling_electra_config import CHANGEABLE_ON_RESUME_FIELDS
+from outputs import (
+    publish,
+    read_jsonl,
+    remove,
+    write_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
 
-logger = logging.getLogger("wikitext_trainer")
+logger = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again", what a Slurm job script requeues on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -62,11 +71,11 @@ def check_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
     """Refuse to clobber a finished run, or to restart an unfinished one without saying resume or overwrite."""
     if not run_dir.exists() or args.overwrite_output_dir:
         return
-    if (run_dir / "discriminator" / "config.json").is_file():
+    if finished_run_model(run_dir):
         raise InputError(
             f"{run_dir} already holds a finished run; pass --overwrite_output_dir or another --model_save_name"
         )
-    if args.resume_from_checkpoint is None and any(run_dir.iterdir()):
+    if args.resume_from_checkpoint is None and holds_files(run_dir):
         raise InputError(
             f"{run_dir} holds an unfinished run; pass --resume_from_checkpoint auto to continue it "
             "or --overwrite_output_dir to start over"
@@ -111,8 +120,7 @@ def reporting_write_errors(path: Path) -> Iterator[None]:
 
 
 def disk_full_message(path: Path, reason: str) -> str:
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    free = shutil.disk_usage(existing).free / 2**30
+    free = shutil.disk_usage(nearest_existing(path)).free / 2**30
     return (
         f"could not write {path} ({reason}): the disk is probably full ({free:.1f} GiB free there); "
         "free some space or pass another --model_save_directory, then resume with --resume_from_checkpoint auto"
@@ -173,7 +181,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], save
     return final
 
 
-def resolve_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint `--resume_from_checkpoint` names, verified against its manifest.
 
     `auto` takes this run's newest checkpoint that verifies (None if the run has none), warning about each
@@ -280,14 +288,16 @@ def rng_devices(accelerator: Any) -> list[int]:
 
 # --- Resuming: the flags that define the run must match the ones it was started with -------------------------
 
-# May differ on resume: where and how often things are logged, evaluated and saved, and how data is prepared.
-CHANGEABLE_ON_RESUME = frozenset(
+# May differ on resume: where and how often things are logged, evaluated and saved, and how data is prepared ...
+BOOKKEEPING_FLAGS = frozenset(
     {
         "logging_steps", "eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers",
         "data_cache_dir", "model_save_directory", "model_save_name", "resume_from_checkpoint",
-        "overwrite_output_dir", "push_to_hub", "hub_model_id",
+        "overwrite_output_dir", "push_to_hub", "hub_model_id", "gradient_checkpointing", "compile",
     }
 )  # fmt: skip
+# ... and the model hyperparameters declared `changeable_on_resume` (modeling_electra_config.py).
+CHANGEABLE_ON_RESUME = BOOKKEEPING_FLAGS | CHANGEABLE_ON_RESUME_FIELDS
 # What a run recorded before these flags existed did: a record without them is compared with these values.
 FLAG_VALUES_BEFORE_THE_FLAG = {"lr_schedule": "linear", "example_format": "packed"}
 # The step limit may only rise; these follow from it and from run-defining flags already compared.
@@ -350,6 +360,28 @@ def check_against_record(record: Path, flags: dict[str, Any], derived: dict[str,
         )
 
 
+# --- Final models: discriminator/ (what run_glue.py takes) and generator/, each with the tokenizer -----------
+
+
+def save_final_models(model: Any, tokenizer: Any, run_dir: Path) -> None:
+    """Write generator/ and discriminator/ (last, it marks the run finished) via temp dirs and renames."""
+    for name in ("generator", "discriminator"):
+        save = partial(save_pretrained_with_tokenizer, getattr(model, name), tokenizer)
+        write_atomically(run_dir / name, save, replace=True)
+
+
+def save_pretrained_with_tokenizer(part: Any, tokenizer: Any, directory: Path) -> None:
+    part.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def push_to_hub(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    repo = args.hub_model_id or args.model_save_name
+    for part, repo_id in ((model.discriminator, repo), (model.generator, f"{repo}-generator")):
+        part.push_to_hub(repo_id)
+        tokenizer.push_to_hub(repo_id)
+
+
 # --- Stop signals ---------------------------------------------------------------------------------------------
 
 
@@ -394,26 +426,6 @@ def write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def read_metrics_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """`(line, record)` for each line of metrics.jsonl; an incomplete last line (a kill mid-write) is
-    dropped with a warning, any other line that is not JSON is an error naming it."""
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((line, json.loads(line)))
-        except ValueError as error:
-            if number == len(lines):
-                logger.warning("Dropping the incomplete last line of %s: %r", path, line[:80])
-                break
-            raise InputError(
-                f"{path} line {number} is not valid JSON ({error}); fix or delete that line"
-            ) from error
-    return records
-
-
 def truncate_metrics(run_dir: Path, last_step: int, rewrite: bool = True) -> int:
     """On resume, drop lines logged after the checkpoint (they will be logged again); only the main process
     passes `rewrite`, every process reads.
@@ -423,7 +435,7 @@ def truncate_metrics(run_dir: Path, last_step: int, rewrite: bool = True) -> int
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return -1
-    kept = [(line, record) for line, record in read_metrics_file(path) if record["step"] <= last_step]
+    kept = [(line, record) for line, record in read_jsonl(path) if record["step"] <= last_step]
     if rewrite:
         write_text_atomically(path, "".join(line + "\n" for line, _ in kept))
     return max((r["step"] for _, r in kept if r["split"] == "validation"), default=-1)
@@ -435,7 +447,7 @@ def tensorboard_scalars(split: str, metrics: dict[str, Any]) -> dict[str, float]
     for name, value in metrics.items():
         if isinstance(value, int | float):
             scalars[f"{split}/{name}"] = value
-        elif name.endswith(("expert_load", "experts_per_token")):
+        elif value and isinstance(value[0], list):  # [MoE layer][expert]: expert_load, experts_per_token
             for layer, loads in enumerate(value):
                 for expert, load in enumerate(loads):
                     scalars[f"{split}/{name}/layer{layer}/expert{expert}"] = load

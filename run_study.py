@@ -35,7 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
+
+from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
+from outputs import write_atomically, write_json_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -85,6 +87,7 @@ class ListOf:
 
 
 TRAINER, CONVERTER, FINETUNER = "wikitext_trainer.py", "convert_bert_checkpoint.py", "run_glue.py"
+SCORER, FIXED_EVAL_SET = "score_rtd.py", Path("fixed_eval") / "rtd_eval.npz"
 SCHEMA: dict[str, tuple[Any, bool]] = {
     "description": (str, False),
     "pretrain": (
@@ -96,6 +99,8 @@ SCHEMA: dict[str, tuple[Any, bool]] = {
         False,
     ),
     "convert": ({"bert_path": (str, False), "models": (Named(CONVERTER), True)}, False),
+    # score_rtd.py's fixed evaluation set, built from `reference` (a pretrain model, pretrained first)
+    "fixed_eval": ({"reference": (str, True), "max_examples": (int, False), "seed": (int, False)}, False),
     "glue": (
         {
             "tasks": (ListOf(str), True),
@@ -172,34 +177,20 @@ def validate_node(value: Any, spec: Any, where: str, flag_sets: list[tuple[str, 
 
 
 def script_flags(script: str) -> set[str]:
-    """The long option names (without `--`) of a script's command line."""
-    return set(script_actions(script))
+    """The long option names (without `--`) of a script's command line, from its build_argument_parser()."""
+    return option_names(importlib.import_module(Path(script).stem).build_argument_parser())
 
 
-def script_actions(script: str) -> dict[str, argparse.Action]:
-    """{long option name without `--`: its argparse action} of a script's command line, read from the
-    parser its `parse_args` builds (stopped just before it parses)."""
-
-    class Captured(Exception):
-        def __init__(self, parser: argparse.ArgumentParser):
-            self.parser = parser
-
-    def capture(parser, *args, **kwargs):
-        raise Captured(parser)
-
-    module = importlib.import_module(Path(script).stem)
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
-        try:
-            module.parse_args([])
-        except Captured as captured:
-            actions = captured.parser._actions
-            return {
-                option[2:]: action
-                for action in actions
-                for option in action.option_strings
-                if option.startswith("--")
-            }
-    raise RuntimeError(f"{script}'s parse_args did not build an argparse parser")
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option a parser takes, aliases included, read from its help text (argparse has no public
+    way to list them): each option's line starts with its option strings, indented 2 columns, and ends
+    where two spaces separate them from the help text."""
+    names = set()
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            invocation = line[2:].split("  ")[0]
+            names |= {word[2:] for word in re.split(r"[ ,]+", invocation) if word.startswith("--")}
+    return names
 
 
 def validate_study(study: Any, check_flag_names: bool = True) -> None:
@@ -229,6 +220,9 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
                 f"'pretrain.models.{name}.init_discriminator_from': '{source}' is neither a converted model "
                 f"{list(converted)} nor a directory"
             )
+    reference = study.get("fixed_eval", {}).get("reference")
+    if reference is not None and reference not in study.get("pretrain", {}).get("models", {}):
+        raise ConfigError(f"'fixed_eval.reference': '{reference}' is not one of the pretrain models")
     for task in study["glue"].get("task_args", {}):
         if task not in study["glue"]["tasks"]:
             raise ConfigError(f"'glue.task_args': '{task}' is not one of glue.tasks {study['glue']['tasks']}")
@@ -242,14 +236,14 @@ def validate_study(study: Any, check_flag_names: bool = True) -> None:
         raise ConfigError(f"'glue.baseline': '{baseline}' is not one of the fine-tuned models {fine_tuned}")
     check_names_and_seeds(study, models)
     if check_flag_names:
-        known = {script: script_actions(script) for script in {script for script, _, _ in flag_sets}}
+        known = {script: script_flags(script) for script in {script for script, _, _ in flag_sets}}
         for script, where, options in flag_sets:
             for key, value in options.items():
                 if key not in known[script]:
                     close = difflib.get_close_matches(key, sorted(known[script]), n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
                     raise ConfigError(f"'{where}.{key}' is not a flag of {script}{hint}")
-                check_flag_type(known[script][key], value, f"{where}.{key}")
+                check_flag_type(script, key, value, f"{where}.{key}")
         check_model_flags(study)
 
 
@@ -266,21 +260,69 @@ def check_names_and_seeds(study: dict, models: list[str]) -> None:
         raise ConfigError(f"'glue.seeds' lists {duplicates} more than once; each seed is one run per cell")
 
 
-def check_flag_type(action: argparse.Action, value: Any, where: str) -> None:
+def parsed_flag(script: str, key: str, value: Any, where: str) -> tuple[Any, list[str]]:
+    """A config option parsed as its command line would be, by the script's own build_argument_parser()
+    (public argparse API only): the parsed value and the words the flag did not take. The script's required
+    flags, named by argparse's own error, get a stand-in value (the first of their choices, if any)."""
+    parser = importlib.import_module(Path(script).stem).build_argument_parser()
+    argv, stand_ins = to_flags({key: value}), {}
+    for _ in range(10):
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                args, rest = parser.parse_known_args(argv + [w for item in stand_ins.items() for w in item])
+            return vars(args).get(key.replace("-", "_")), rest
+        except SystemExit:
+            message = (stderr.getvalue().strip().splitlines() or ["rejected"])[-1].split(": error: ", 1)[-1]
+        required = re.fullmatch(r"the following arguments are required: (.*)", message)
+        choice = re.fullmatch(r"argument (--\w+): invalid choice: .* \(choose from '([^']*)'.*", message)
+        if required and f"--{key}" not in required.group(1).split(", "):
+            stand_ins |= {flag: "-" for flag in required.group(1).split(", ")}
+        elif choice and choice.group(1) in stand_ins:
+            stand_ins[choice.group(1)] = choice.group(2)
+        else:
+            raise ConfigError(f"'{where}': {message}")
+    raise ConfigError(f"'{where}': {script} rejected its stand-in values")
+
+
+def check_flag_type(script: str, key: str, value: Any, where: str) -> None:
     """A config value must have the type its flag parses: a switch takes true/false, a numeric flag a
     number (not a string, which the command line would silently accept), a list only where the flag
     takes several values."""
-    if action.nargs == 0:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{where}' is a switch: give true or false, got {json.dumps(value)}")
+    if isinstance(value, bool):
+        try:
+            parsed = parsed_flag(script, key, True, where)[0] if value else True
+        except ConfigError:  # "expected one argument": not a switch
+            parsed = None
+        if not isinstance(parsed, bool):
+            kind = type(parsed_flag(script, key, "1", where)[0])
+            raise ConfigError(f"'{where}' must be {TYPE_NAMES.get(kind, 'a value')}, got {json.dumps(value)}")
         return
-    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    if isinstance(value, list) and not many:
-        raise ConfigError(f"'{where}' takes one value, got the list {json.dumps(value)}")
-    kind = action.type if action.type in (int, float) else str
-    for item in value if isinstance(value, list) else [value]:
+    parsed, rest = parsed_flag(script, key, value, where)
+    if rest:
+        if isinstance(value, list):
+            raise ConfigError(f"'{where}' takes one value, got the list {json.dumps(value)}")
+        raise ConfigError(f"'{where}' is a switch: give true or false, got {json.dumps(value)}")
+    values = value if isinstance(value, list) else [value]
+    parsed_values = parsed if isinstance(parsed, list) else [parsed]
+    for item, parsed_item in zip(values, parsed_values, strict=False):
+        numeric = isinstance(parsed_item, int | float) and not isinstance(parsed_item, bool)
+        kind = type(parsed_item) if numeric else str
         if item is not None and not is_instance(item, kind):
             raise ConfigError(f"'{where}' must be {TYPE_NAMES[kind]}, got {json.dumps(item)}")
+
+
+def model_config_error(argv: list[str]) -> str | None:
+    """ElectraMoEConfig's own checks of the model a pretraining command line describes, through the trainer's
+    config builder (the vocabulary does not exist yet: the tokenizer may be trained by the stage; its size
+    enters no check)."""
+    from pretrain_models import build_model_configs
+
+    try:
+        build_model_configs(importlib.import_module(Path(TRAINER).stem).parse_args(argv), tokenizer_size=1000)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def check_model_flags(study: dict) -> None:
@@ -290,7 +332,7 @@ def check_model_flags(study: dict) -> None:
     for name, options in pretrain.get("models", {}).items():
         flags = {**pretrain.get("common", {}), **pretrain.get("tokenizer", {}), **options}
         if "init_discriminator_from" not in flags:  # a continued model's architecture is its source's
-            problem = script_error(TRAINER, to_flags(flags))
+            problem = script_error(TRAINER, to_flags(flags)) or model_config_error(to_flags(flags))
             if problem:
                 raise ConfigError(f"'pretrain.models.{name}': {problem}")
     for name, options in study.get("convert", {}).get("models", {}).items():
@@ -439,7 +481,7 @@ def execute_notebook(
     return notebook
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -453,6 +495,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='checkpoint for a study with a "convert" section (default: its bert_path)',
     )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/<config name>")
+    parser.add_argument(
+        "--results_dir",
+        type=Path,
+        help="also copy the small per-run result files (no weights) here, e.g. results/<study> (committed)",
+    )
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument(
         "--overwrite_output_dir", action="store_true", help="start again in a used output dir"
@@ -462,7 +509,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue a stopped study: skip finished models and GLUE runs, resume pretraining checkpoints",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def missing_glue_runs(
@@ -505,13 +556,17 @@ def pretrain_stages(
     `init_discriminator_from` (whose tokenizer it then uses)."""
     pretrain, (pretrain_data, tokenizer, _, _) = study["pretrain"], data
     tokenizer = tokenizer or pretrain.get("tokenizer", {})
-    model_root, model_dirs = output_dir / "pretrain", {}
-    for name, model_options in pretrain["models"].items():
+    model_root, model_dirs, fixed_eval = output_dir / "pretrain", {}, {}
+    # fixed_eval.reference is pretrained first; every later model is scored on the set built from it.
+    reference = study.get("fixed_eval", {}).get("reference")
+    for name, model_options in sorted(pretrain["models"].items(), key=lambda item: item[0] != reference):
+        if reference in model_dirs and not fixed_eval:
+            fixed_eval = fixed_eval_set_stage(study["fixed_eval"], model_dirs[reference], args, output_dir)
         model_dirs[name] = model_root / name
-        if args.resume and (model_root / name / "discriminator" / "config.json").is_file():
+        if args.resume and finished_run_model(model_root / name):
             print(f"stage pretrain_{name}: finished before, skipped (--resume)")
             continue
-        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options}
+        options = {**pretrain.get("common", {}), **pretrain_data, **tokenizer, **model_options, **fixed_eval}
         source = converted.get(options.get("init_discriminator_from"))
         if source is not None:
             options.update(init_discriminator_from=str(source), tokenizer_name=str(source))
@@ -520,6 +575,18 @@ def pretrain_stages(
         options.update({"resume_from_checkpoint": "auto"} if args.resume else {"overwrite_output_dir": True})
         run_stage(f"pretrain_{name}", [sys.executable, TRAINER, *to_flags(options)], output_dir / "logs")
     return model_dirs
+
+
+def fixed_eval_set_stage(spec: dict, reference_run: Path, args: argparse.Namespace, output_dir: Path) -> dict:
+    """Build score_rtd.py's evaluation set from the reference run's data and generator (kept with --resume);
+    returns the trainer flag that scores a model on it at every evaluation."""
+    path = output_dir / FIXED_EVAL_SET
+    if not (args.resume and path.is_file()):
+        path.unlink(missing_ok=True)
+        command = [sys.executable, SCORER, "--eval_set", str(path), "--reference_run", str(reference_run)]
+        command += to_flags({key: spec.get(key) for key in ("max_examples", "seed")})
+        run_stage("fixed_eval_set", command, output_dir / "logs")
+    return {"fixed_eval_set": str(path)}
 
 
 def glue_runs(glue: dict, models: list[str]) -> list[tuple[str, str, bool]]:
@@ -595,7 +662,47 @@ def report_stages(
     return figure_dir, executed
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
+# What a committed results folder keeps of a study (small JSON/CSV files, no weights): enough for
+# gather_glue_results.py and the notebook to recompute every table and figure.
+GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json")
+PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json")
+
+
+def copy_results(output_dir: Path, results_dir: Path, provenance: dict[str, Any]) -> None:
+    """Copy the study's per-run result files, gather CSVs and gather log to `results_dir` (replaced whole,
+    atomically), with `provenance` as `study.json` (`study_provenance`, taken when the study started)."""
+
+    def write(tmp: Path) -> None:
+        patterns = [f"glue/*/*/seed_*/{name}" for name in GLUE_RUN_FILES] + ["glue/glue_results_*.csv"]
+        patterns += [f"pretrain/*/{name}" for name in PRETRAIN_RUN_FILES] + ["logs/gather.log"]
+        for pattern in patterns:
+            for source in sorted(output_dir.glob(pattern)):
+                target = tmp / source.relative_to(output_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+        tmp.mkdir(exist_ok=True)
+        write_json_atomically(tmp / "study.json", provenance, indent=2)
+
+    write_atomically(results_dir, write, replace=True)
+
+
+def study_provenance(config: Path) -> dict[str, Any]:
+    """The config (path and contents), command line and commit (with a dirty-tree flag) of this run."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {
+        "config": str(config),
+        "study": json.loads(Path(config).read_text()),
+        "command": " ".join(["python", *sys.argv]),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
+    }
+
+
+def check_study_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tuple]:
     """Everything that can be wrong before a stage runs: (study, BERT checkpoint, output dir, data flags)."""
     study = load_study(args.config)
     bert_path = str(args.bert_path or study.get("convert", {}).get("bert_path") or "") or None
@@ -604,7 +711,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
             f"BERT checkpoint {bert_path} not found; pass --bert_path (see {args.config}'s description)"
         )
     output_dir = args.output_dir or REPO_ROOT / "outputs" / args.config.stem
-    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
+    if holds_files(output_dir) and not (args.overwrite_output_dir or args.resume):
         raise ConfigError(
             f"{output_dir} is not empty; pass --resume, --overwrite_output_dir or another --output_dir"
         )
@@ -614,11 +721,12 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, str | None, Path, tupl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        study, bert_path, output_dir, data = check_inputs(args)
+        study, bert_path, output_dir, data = check_study_inputs(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    provenance = study_provenance(args.config) if args.results_dir is not None else {}
     start = time.time()
     try:
         model_dirs = convert_stages(study, args, bert_path, output_dir) if "convert" in study else {}
@@ -628,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         # Pretraining curves come from the runs' metrics.jsonl; converted models have none.
         curves_dir = output_dir / "pretrain" if "pretrain" in study else None
         figure_dir, executed = report_stages(glue_root, curves_dir, output_dir, study["glue"].get("baseline"))
+        if args.results_dir is not None:
+            copy_results(output_dir, args.results_dir, provenance)
     except StageError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -641,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  figures:       {figure_dir}/*.png")
     print(f"  notebook:      {executed}")
     print(f"  models:        {output_dir}/{{converted,pretrain}}/<model>; logs: {output_dir / 'logs'}")
+    if args.results_dir is not None:
+        print(f"  result files:  {args.results_dir} (per-run JSON, CSVs, study.json; commit them)")
     return 0
 
 

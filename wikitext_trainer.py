@@ -12,15 +12,12 @@ and exits with status 75 so a job script can requeue; `--resume_from_checkpoint 
 from __future__ import annotations
 
 import argparse
-import codecs
-import json
 import logging
 import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,11 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from input_checks import TOKENIZER_FIX, check_tokenizer_path, check_writable
-from modeling_electra_config import MOE_ONLY_SETTINGS, ignored_settings_error
-from optimization import SCHEDULES, make_schedule
-from outputs import write_atomically
+import distributed
+from init_checkpoint import check_init_vocabulary, init_flags_error
+from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
+from modeling_electra_config import MOE_FIELDS, ignored_settings_error
+from optimization import ADAM_BETAS, ADAM_EPSILON, SCHEDULES, make_schedule, optimizer_parameter_groups
+from outputs import write_json_atomically
 from pretrain_data import (
+    DATA_STATS_FILE,
     DEFAULT_DATASET_CONFIG,
     DEFAULT_DATASET_NAME,
     DEFAULT_TEXT_COLUMN,
@@ -43,14 +43,18 @@ from pretrain_data import (
     VALIDATION_SPLIT_PERCENTAGE,
     WORDPIECE_SPECIAL_TOKENS,
     InputError,
+    MappedColumn,
     batch_tensors,
     describe_data_source,
     epoch_batches,
+    expand_file_patterns,
     load_tokenizer,
     num_examples,
     prepare_blocks,
 )
-from rtd import DISC_WEIGHT, GEN_WEIGHT, MASK_PROB, ElectraPretrainingModel, MetricWindow
+from pretrain_documents import DOCUMENT_FORMATS
+from pretrain_models import build_model_configs, build_models, model_shape_error
+from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
     REQUEUE_EXIT_CODE,
     StopRequest,
@@ -58,11 +62,13 @@ from run_state import (
     check_run_dir,
     load_checkpoint,
     log_metrics,
+    push_to_hub,
     remove_stale_temporaries,
     reporting_write_errors,
-    resolve_checkpoint,
+    resume_checkpoint,
     rng_devices,
     save_checkpoint,
+    save_final_models,
     set_aside_newer_checkpoints,
     start_run_dir,
     stop_requested,
@@ -70,15 +76,12 @@ from run_state import (
     truncate_metrics,
 )
 from runlock import is_main_process, run_lock
+from score_rtd import check_fixed_eval_set, score_fixed_eval_set
 
-logger = logging.getLogger("wikitext_trainer")
+logger = logging.getLogger("wikitext_trainer")  # a script: __name__ would be "__main__"
 
-# --- Optimisation (ELECTRA paper, Table 6) ------------------------------------------------------------------
-LEARNING_RATE_BY_PRESET = {"tiny": 5e-4, "small": 5e-4, "base": 2e-4}
+# --- Optimisation (ELECTRA paper, Table 6; the learning rate per size: modeling_electra_config.ELECTRA_PRETRAINING)
 WEIGHT_DECAY = 0.01
-NO_DECAY_KEYS = ("LayerNorm", "layer_norm", "bias")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPSILON = 1e-6
 WARMUP_STEPS = 10_000
 MAX_GRAD_NORM = 1.0
 BATCH_SIZE = 128  # ELECTRA-Small
@@ -89,37 +92,9 @@ LOGGING_STEPS = 100
 EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
-USAGE_ERROR_EXIT_CODE = 2  # what argparse uses for bad command lines
+# The modules that log for this script, each under its own name (the log format shows it).
+LIBRARY_LOGGERS = ("pretrain_data", "pretrain_models", "run_state", "outputs")
 MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and room for ELECTRA's masking (int((0.15 + 0.005) x 16) = 2 tokens)
-UTF8_SNIFF_BYTES = 1 << 16  # the start of a data file that must decode as UTF-8
-SIZE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "embedding_size",
-)
-# With --init_discriminator_from the architecture is the checkpoint's: these flags would contradict it.
-CHECKPOINT_ARCHITECTURE_FIELDS = (
-    *SIZE_FIELDS,
-    "num_experts",
-    "top_k",
-    "moe_layers",
-    "moe_layer_frequency",
-    "expert_intermediate_size",
-    "router_type",
-    "norm_topk_prob",
-)
-# ... while these training-time router settings come from the flags, as in a fresh run.
-TRAINING_ROUTER_FIELDS = (
-    "capacity_factor",
-    "expert_choice_scope",
-    "router_jitter_noise",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "moe_implementation",
-)
-MOE_FIELDS = ("num_experts", *MOE_ONLY_SETTINGS)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -133,14 +108,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def build_argument_parser() -> argparse.ArgumentParser:
     """The command line: every flag with its default (an argument table)."""
-    from modeling_electra_config import (
-        EXPERT_CHOICE_SCOPES,
-        MOE_IMPLEMENTATIONS,
-        PRESETS,
-        ROUTER_TYPES,
-        ST_MOE_Z_LOSS_COEF,
-        SWITCH_AUX_LOSS_COEF,
-    )
+    from modeling_electra_config import PRESETS, SIZE_FIELDS, add_hyperparameter_flags
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     data = parser.add_argument_group("data")
@@ -153,10 +121,21 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help="Hub dataset config (--dataset_subname is the original study's name for it)",
     )
     data.add_argument(
-        "--train_file", help="local training text (WikiText layout, .txt/.tokens/.raw; or json/csv)"
+        "--train_file",
+        nargs="+",
+        help="local training files or glob patterns, all text (.txt/.tokens/.raw) or all json/jsonl/csv/parquet",
     )
     data.add_argument(
-        "--validation_file", help="local validation text; without it a share of --train_file is held out"
+        "--validation_file",
+        nargs="+",
+        help="local validation files or patterns; without them a share of --train_file is held out",
+    )
+    data.add_argument(
+        "--document_format",
+        choices=DOCUMENT_FORMATS,
+        default="auto",
+        help="where documents end: wikitext (' = Title = ' headings), rows (each record or line), "
+        "blank_lines (BERT/ELECTRA text: blank lines between documents); auto infers it and logs why",
     )
     data.add_argument("--text_column_name", default=DEFAULT_TEXT_COLUMN, help="column holding the text")
     data.add_argument(
@@ -199,30 +178,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_size", choices=sorted(PRESETS), default="small", help="ELECTRA size preset")
-    for name in SIZE_FIELDS:
-        model.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
-    model.add_argument("--num_experts", type=int, default=1, help="experts per MoE layer (1 = dense ELECTRA)")
-    model.add_argument("--top_k", type=int, default=2, help="experts per token")
-    model.add_argument(
-        "--moe_layers", type=int, nargs="+", help="encoder layers with an MoE block (default: all)"
-    )
-    model.add_argument("--moe_layer_frequency", type=int, default=1, help="every n-th layer is MoE")
-    model.add_argument(
-        "--expert_intermediate_size", type=int, help="expert FFN width (default: intermediate_size)"
-    )
-    model.add_argument("--capacity_factor", type=float, help="expert capacity factor (default: dropless)")
-    model.add_argument("--router_type", choices=ROUTER_TYPES, default="softmax_topk")
-    model.add_argument(
-        "--expert_choice_scope",
-        choices=EXPERT_CHOICE_SCOPES,
-        default="sequence",
-        help="expert_choice router: experts pick tokens within each sequence or within the whole batch",
-    )
-    model.add_argument("--norm_topk_prob", action="store_true", help="renormalise the top-k gate weights")
-    model.add_argument("--router_jitter_noise", type=float, default=0.0)
-    model.add_argument("--router_aux_loss_coef", type=float, default=SWITCH_AUX_LOSS_COEF)
-    model.add_argument("--router_z_loss_coef", type=float, default=ST_MOE_Z_LOSS_COEF)
-    model.add_argument("--moe_implementation", choices=MOE_IMPLEMENTATIONS, default="auto")
+    add_hyperparameter_flags(model, SIZE_FIELDS + MOE_FIELDS)  # declared in modeling_electra_config.py
     model.add_argument(
         "--generator_size",
         type=float,
@@ -247,8 +203,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     objective.add_argument(
         "--mask_prob",
         type=float,
-        default=MASK_PROB,
-        help="share of each sequence's real tokens masked (ELECTRA's fixed count per sequence)",
+        help="share of each sequence's real tokens masked (ELECTRA's fixed count per sequence; "
+        "default: ELECTRA's for the size, 0.15, 0.25 for large)",
     )
     objective.add_argument(
         "--gen_weight", type=float, default=GEN_WEIGHT, help="weight of the generator MLM loss"
@@ -281,6 +237,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max_eval_blocks", type=int, help="evaluate on the first N validation blocks only (default: all)"
     )
+    train.add_argument(
+        "--fixed_eval_set",
+        metavar="NPZ",
+        help="also score the discriminator at every evaluation on this score_rtd.py set (fixed_* metrics)",
+    )
     train.add_argument("--save_steps", type=int, default=SAVE_STEPS)
     train.add_argument("--save_total_limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept")
     train.add_argument(
@@ -288,6 +249,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         metavar="{auto,PATH}",
         help="'auto' = latest checkpoint of this run, if any",
     )
+    distributed.add_scaling_arguments(parser)
 
     output = parser.add_argument_group("output")
     output.add_argument("--model_save_directory", default="outputs/pretrain")
@@ -300,6 +262,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fill the defaults that depend on other flags."""
+    from modeling_electra_config import ELECTRA_PRETRAINING
+
     parser = build_argument_parser()
     args = parser.parse_args(argv)
     positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps"]
@@ -310,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_training_steps", "max_eval_blocks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if not 0 < args.mask_prob < 1:
+    if args.mask_prob is not None and not 0 < args.mask_prob < 1:
         parser.error(f"--mask_prob must lie in (0, 1), got {args.mask_prob}")
     if args.warmup_steps < 0 or args.weight_decay < 0 or args.max_grad_norm <= 0:
         parser.error("--warmup_steps and --weight_decay must be >= 0, --max_grad_norm > 0")
@@ -324,15 +288,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_file needs --train_file")
     if not 0 < args.validation_split_percentage < 100:
         parser.error("--validation_split_percentage must lie in (0, 100)")
-    problem = run_values_error(parser, args) or init_flags_error(parser, args) or model_shape_error(args)
+    problem = (
+        run_values_error(parser, args)
+        or init_flags_error(parser, args)
+        or model_shape_error(args)
+        or distributed.scaling_flags_error(args)
+    )
     if problem:
         parser.error(problem)
     if args.model_save_name is None:
         args.model_save_name = default_run_name(args)
     if args.data_cache_dir is None:
         args.data_cache_dir = os.path.join(args.model_save_directory, "data_cache")
-    if args.learning_rate is None:
-        args.learning_rate = LEARNING_RATE_BY_PRESET[args.model_size]
+    args.train_file = expand_file_patterns(args.train_file)
+    args.validation_file = expand_file_patterns(args.validation_file)
+    for name, value in ELECTRA_PRETRAINING[args.model_size].items():
+        if getattr(args, name) is None:  # --learning_rate, --mask_prob: ELECTRA's for the size
+            setattr(args, name, value)
     return args
 
 
@@ -352,28 +324,7 @@ def default_run_name(args: argparse.Namespace) -> str:
 def fail(message: str) -> NoReturn:
     """Stop with a one-line message saying what to fix, exit status 2 like argparse."""
     print(f"wikitext_trainer.py: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(USAGE_ERROR_EXIT_CODE)
-
-
-def model_shape_error(args: argparse.Namespace) -> str | None:
-    """What is wrong with the model the size flags describe (None if nothing), found before anything runs."""
-    from modeling_electra_config import PRESETS
-
-    sizes = {name: getattr(args, name) for name in SIZE_FIELDS}
-    sizes = {name: PRESETS[args.model_size][name] if v is None else v for name, v in sizes.items()}
-    too_small = [f"--{name} {value}" for name, value in sizes.items() if value < 1]
-    if too_small:
-        return f"{', '.join(too_small)}: model sizes must be >= 1"
-    if sizes["hidden_size"] % sizes["num_attention_heads"] and not args.init_discriminator_from:
-        return (
-            f"--hidden_size {sizes['hidden_size']} is not a multiple of --num_attention_heads "
-            f"{sizes['num_attention_heads']}: each attention head takes an equal share of the hidden size"
-        )
-    try:  # every other config check (MoE fields, generator size, sequence length), with a stand-in vocabulary
-        build_model_configs(args, len(WORDPIECE_SPECIAL_TOKENS) + 1)
-    except InputError as error:
-        return str(error)
-    return None
+    raise SystemExit(EXIT_BAD_INPUT)
 
 
 def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -402,26 +353,14 @@ def check_paths(args: argparse.Namespace) -> None:
     check_writable(Path(args.data_cache_dir), "--data_cache_dir")
     if args.train_tokenizer is None:
         check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
-    for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-        if path is not None and os.path.isdir(path):
-            raise InputError(
-                f"{flag} {path} is a folder; pass a text file (WikiText layout) or json/csv/parquet"
-            )
-        if path is not None and Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
-            check_utf8(Path(path), flag)
-
-
-def check_utf8(path: Path, flag: str) -> None:
-    """The start of a text/json/csv file must decode as UTF-8 (a binary file fails here, by name)."""
-    with open(path, "rb") as handle:
-        head = handle.read(UTF8_SNIFF_BYTES)
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError as error:
-        raise InputError(
-            f"{flag} {path} is not UTF-8 text (byte {head[error.start]:#04x} at offset {error.start}); "
-            "pass a text file (WikiText layout) or json/csv/parquet"
-        ) from error
+    for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        for path in paths or []:
+            if os.path.isdir(path):
+                raise InputError(
+                    f"{flag} {path} is a folder; pass text files (or a glob) or json/csv/parquet files"
+                )
+            if Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
+                check_utf8(Path(path), flag)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,11 +371,12 @@ def check_utf8(path: Path, flag: str) -> None:
 @dataclass
 class PretrainingData:
     tokenizer: Any
-    train_blocks: dict[str, np.ndarray]  # input_ids (and token_type_ids), [examples, max_seq_length]
-    valid_blocks: dict[str, np.ndarray]
+    train_blocks: dict[str, MappedColumn]  # input_ids (and token_type_ids), [examples, max_seq_length]
+    valid_blocks: dict[str, MappedColumn]
     steps_per_epoch: int
     micro_batches_per_epoch: int  # per process
     total_steps: int
+    data_stats: dict[str, Any] = field(default_factory=dict)  # data_stats.json, copied into the run folder
 
 
 def prepare_inputs(
@@ -454,9 +394,11 @@ def prepare_inputs(
         tokenizer = load_tokenizer(args, source)
         disc_config, gen_config = build_model_configs(args, len(tokenizer), tokenizer.pad_token_id)
         check_init_vocabulary(args, tokenizer, (disc_config, gen_config))
+        if args.fixed_eval_set:
+            check_fixed_eval_set(args.fixed_eval_set, tokenizer)
         blocks = prepare_blocks(args, tokenizer, source)
     data = count_steps(args, accelerator, tokenizer, blocks)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir)
+    checkpoint = resume_checkpoint(args.resume_from_checkpoint, run_dir)
     if checkpoint is not None:
         check_resume_args(run_dir, checkpoint, vars(args), derived_values(accelerator, data))
     if args.warmup_steps >= data.total_steps:
@@ -491,182 +433,13 @@ def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, bloc
         steps_per_epoch=steps_per_epoch,
         micro_batches_per_epoch=steps_per_epoch * args.gradient_accumulation_steps,
         total_steps=args.max_training_steps or args.num_epochs * steps_per_epoch,
+        data_stats=blocks["data_stats"],
     )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Model: configs, the generator + discriminator objective, AdamW and the schedule
 # ----------------------------------------------------------------------------------------------------------
-
-
-def build_model_configs(
-    args: argparse.Namespace, tokenizer_size: int, pad_token_id: int = 0
-) -> tuple[Any, Any]:
-    """Discriminator config from the size preset plus flags (or from --init_discriminator_from's config), and
-    the generator config derived from it by ELECTRA's size rule (or --init_generator_from's)."""
-    from modeling_electra_config import ElectraMoEConfig, make_generator_config
-
-    sizes = {name: getattr(args, name) for name in SIZE_FIELDS if getattr(args, name) is not None}
-    moe = {name: getattr(args, name) for name in MOE_FIELDS}
-    try:
-        if args.init_discriminator_from:
-            disc = load_init_config(args.init_discriminator_from, "--init_discriminator_from", args)
-        else:
-            disc = ElectraMoEConfig.from_preset(
-                args.model_size, vocab_size=tokenizer_size, pad_token_id=pad_token_id, **sizes, **moe
-            )
-        if args.max_seq_length > disc.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_length must be <= max_position_embeddings ({disc.max_position_embeddings})"
-            )
-        if args.init_generator_from:
-            gen = load_init_config(args.init_generator_from, "--init_generator_from", args)
-            shared = ("embedding_size", "vocab_size", "max_position_embeddings", "type_vocab_size")
-            different = [f"{key} {getattr(gen, key)} vs {getattr(disc, key)}" for key in shared
-                         if getattr(gen, key) != getattr(disc, key)]  # fmt: skip
-            if different:
-                raise ValueError(
-                    f"--init_generator_from {args.init_generator_from} cannot share the discriminator's "
-                    f"embeddings: {', '.join(different)}"
-                )
-        else:
-            gen = make_generator_config(
-                disc, generator_size=args.generator_size, generator_moe=args.generator_moe
-            )
-    except ValueError as error:
-        raise InputError(str(error)) from error
-    return disc, gen
-
-
-def build_models(
-    disc_config: Any,
-    gen_config: Any,
-    init_discriminator_from: str | None = None,
-    init_generator_from: str | None = None,
-) -> tuple[nn.Module, nn.Module]:
-    """Generator and discriminator: fresh, or with the weights saved in the --init_* folders (fp32)."""
-    from modeling_electra import ElectraMoEForMaskedLM, ElectraMoEForPreTraining
-
-    models = []
-    for cls, config, path in (
-        (ElectraMoEForMaskedLM, gen_config, init_generator_from),
-        (ElectraMoEForPreTraining, disc_config, init_discriminator_from),
-    ):
-        if path is None:
-            models.append(cls(config))
-            continue
-        model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True)
-        logger.info("%s from %s; newly initialised: %s", cls.__name__, path, info["missing_keys"] or "none")
-        models.append(model)
-    return models[0], models[1]
-
-
-# --- Continued pretraining: --init_discriminator_from / --init_generator_from ----------------------------------
-
-
-def init_flags_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """Flags that contradict a checkpoint's architecture, or an --init_generator_from without a discriminator."""
-    if args.init_generator_from and not args.init_discriminator_from:
-        return "--init_generator_from needs --init_discriminator_from (the generator shares its embeddings)"
-    if not args.init_discriminator_from:
-        return None
-    fields = list(CHECKPOINT_ARCHITECTURE_FIELDS)
-    if args.init_generator_from:
-        fields += ["generator_size", "generator_moe"]
-    given = [f"--{name}" for name in fields if getattr(args, name) != parser.get_default(name)]
-    if given:
-        return (
-            f"{', '.join(given)} cannot be combined with --init_discriminator_from: the architecture comes "
-            "from the checkpoint's config.json"
-        )
-    return None
-
-
-def load_init_config(path: str, flag: str, args: argparse.Namespace) -> Any:
-    """The ElectraMoE config saved in `path`, with this run's training-time router settings."""
-    from modeling_electra_config import ElectraMoEConfig, preset_name
-
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise InputError(
-            f"{flag} {path} holds no config.json: pass a folder written by save_pretrained (a pretraining "
-            "run's discriminator/ or generator/, or convert_bert_checkpoint.py's output)"
-        )
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        config = ElectraMoEConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{flag} {path}: could not read its config.json ({error})") from error
-    if model_type != ElectraMoEConfig.model_type:
-        raise InputError(
-            f"{flag} {path} holds a '{model_type}' model, not an ElectraMoE one; convert a BERT checkpoint "
-            "with convert_bert_checkpoint.py first"
-        )
-    # Rebuilt, not patched attribute by attribute, so the config's defaults and checks apply to the new
-    # settings (an expert-choice router keeps its capacity factor of 2 when --capacity_factor is not given).
-    settings = dict(config.to_dict(), **{name: getattr(args, name) for name in TRAINING_ROUTER_FIELDS})
-    try:
-        config = ElectraMoEConfig.from_dict(settings)
-    except ValueError as error:
-        raise InputError(f"{flag} {path}: {error}") from error
-    if config.model_size is None:  # e.g. a converted BERT: name its size if it is a preset's
-        config.model_size = preset_name(config.hidden_size, config.num_hidden_layers)
-    return config
-
-
-def check_init_vocabulary(args: argparse.Namespace, tokenizer: Any, configs: tuple[Any, Any]) -> None:
-    """A checkpoint's vocabulary must be the tokenizer's: same size, and the same tokens if it saved its own."""
-    from transformers import AutoTokenizer
-
-    for flag, path, config in (
-        ("--init_discriminator_from", args.init_discriminator_from, configs[0]),
-        ("--init_generator_from", args.init_generator_from, configs[1]),
-    ):
-        if path is None:
-            continue
-        fix = f"pass --tokenizer_name {path} (the checkpoint's own tokenizer)"
-        if config.vocab_size != len(tokenizer):
-            raise InputError(
-                f"{flag} {path} has a vocabulary of {config.vocab_size} tokens, the tokenizer "
-                f"{len(tokenizer)}: {fix}"
-            )
-        has_tokenizer = any((Path(path) / name).is_file() for name in ("vocab.txt", "tokenizer.json"))
-        if has_tokenizer and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
-            raise InputError(
-                f"{flag} {path} saved a tokenizer whose vocabulary differs from this run's: {fix}"
-            )
-        check_init_weights(flag, path, config)
-
-
-def check_init_weights(flag: str, path: str, config: Any) -> None:
-    """Every encoder weight of the config must be in the folder's safetensors (a run's or a converted model)."""
-    from safetensors import safe_open
-
-    from modeling_electra import ElectraMoEModel
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{flag} {path} holds no *.safetensors weights (save_pretrained writes them)")
-    saved = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            saved |= {key.removeprefix("electra.") for key in handle.keys()}  # noqa: SIM118 (not iterable)
-    with torch.device("meta"):
-        expected = set(ElectraMoEModel(config).state_dict())
-    missing = sorted(key for key in expected - saved if not key.endswith("position_ids"))
-    if missing:
-        raise InputError(
-            f"{flag} {path} lacks {len(missing)} encoder weights its config.json describes (e.g. {missing[:3]})"
-        )
-
-
-def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay everywhere except biases and LayerNorm (ELECTRA's exclusion list)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if any(key in name for key in NO_DECAY_KEYS) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -695,6 +468,7 @@ def build_training_run(
     model = ElectraPretrainingModel(
         generator, discriminator, tokenizer, args.mask_prob, args.gen_weight, args.disc_weight
     )
+    model = distributed.prepare_model(model, args, accelerator.device)  # before AdamW takes its parameters
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(model, args.weight_decay),
         lr=args.learning_rate,
@@ -702,9 +476,9 @@ def build_training_run(
         eps=ADAM_EPSILON,
     )
     scheduler = make_schedule(args.lr_schedule, optimizer, args.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare_training(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    set_seed(args.seed, device_specific=True)  # different masks on each process
+    set_seed(args.seed, device_specific=True)  # dropout differs per process; masks are keyed per example
     routing = "expert choice" if disc_config.router_type == "expert_choice" else f"top-{disc_config.top_k}"
     logger.info(
         "discriminator %.2fM parameters (%d experts, %s, MoE layers %s); generator %.2fM (hidden %d)",
@@ -736,7 +510,7 @@ def train_step(
         accelerator.backward(outputs["loss"])
         if not accelerator.sync_gradients:
             return outputs, None
-        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(accelerator, run.model, max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -744,7 +518,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_rtd(
     model: nn.Module, blocks: dict[str, np.ndarray], batch_size: int, accelerator: Any, seed: int
 ) -> dict[str, Any]:
     """Metrics on this process's share of the validation blocks, with a fixed masking seed.
@@ -756,10 +530,13 @@ def evaluate(
     window = MetricWindow()
     with torch.random.fork_rng(devices=rng_devices(accelerator)):
         torch.manual_seed(seed)
-        shard = np.arange(accelerator.process_index, num_examples(blocks), accelerator.num_processes)
-        for start in range(0, len(shard), batch_size):
-            batch = batch_tensors(blocks, shard[start : start + batch_size])
-            window.add(module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()}))
+        batches = distributed.evaluation_batches(num_examples(blocks), batch_size, accelerator, model)
+        for indices, counted in batches:
+            batch = batch_tensors(blocks, indices)
+            batch["example_keys"] = example_keys(seed, 0, indices, "validation")
+            outputs = module(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()})
+            if counted:  # under FSDP, a process with fewer examples repeats a batch to stay in step
+                window.add(outputs)
     module.train()
     return window.summary(accelerator)
 
@@ -820,6 +597,7 @@ def train(p: Pretraining, stop: StopRequest, checkpoint: Path | None) -> tuple[i
         )[: data.micro_batches_per_epoch]
         for batch_index in range(state.batch_index, len(batches)):
             batch = batch_tensors(data.train_blocks, batches[batch_index])
+            batch["example_keys"] = example_keys(args.seed, state.global_step, batches[batch_index])
             outputs, grad_norm = train_step(run, accelerator, batch, args.max_grad_norm)
             state.window.add(outputs)
             if grad_norm is None:
@@ -874,7 +652,10 @@ def after_step(
 
 def validate(p: Pretraining, state: LoopState) -> None:
     """Evaluate on the validation blocks and log the metrics at the current step."""
-    metrics = evaluate(p.run.model, p.data.valid_blocks, p.args.batch_size, p.accelerator, p.args.seed)
+    metrics = evaluate_rtd(p.run.model, p.data.valid_blocks, p.args.batch_size, p.accelerator, p.args.seed)
+    if p.args.fixed_eval_set:  # the same tokens for every run, whatever its generator (score_rtd.py)
+        discriminator = p.accelerator.unwrap_model(p.run.model).discriminator
+        metrics |= score_fixed_eval_set(discriminator, p.args.fixed_eval_set, p.args.batch_size)
     log_metrics(p.accelerator, p.run_dir, state.global_step, state.epoch, "validation", metrics)
     state.last_eval_step = state.global_step
 
@@ -884,32 +665,13 @@ def validate(p: Pretraining, state: LoopState) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_final_models(model: ElectraPretrainingModel, tokenizer: Any, run_dir: Path) -> None:
-    """Write generator/ and discriminator/ (last, it marks the run finished) via temp dirs and renames."""
-    for name in ("generator", "discriminator"):
-        save = partial(save_pretrained_with_tokenizer, getattr(model, name), tokenizer)
-        write_atomically(run_dir / name, save, replace=True)
-
-
-def save_pretrained_with_tokenizer(part: nn.Module, tokenizer: Any, directory: Path) -> None:
-    part.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-
-
-def push_to_hub(model: ElectraPretrainingModel, tokenizer: Any, args: argparse.Namespace) -> None:
-    repo = args.hub_model_id or args.model_save_name
-    for part, repo_id in ((model.discriminator, repo), (model.generator, f"{repo}-generator")):
-        part.push_to_hub(repo_id)
-        tokenizer.push_to_hub(repo_id)
-
-
 def write_outputs(p: Pretraining, state: LoopState) -> None:
     """A last evaluation (unless the final step had one), then the two models and, if asked, the Hub upload."""
     if state.last_eval_step != state.global_step:
         validate(p, state)
     p.accelerator.wait_for_everyone()
+    model = distributed.final_models(p.run.model, p.accelerator)  # under FSDP gathered onto the main process
     if p.accelerator.is_main_process:
-        model = p.accelerator.unwrap_model(p.run.model)
         with reporting_write_errors(p.run_dir):
             save_final_models(model, p.data.tokenizer, p.run_dir)
         remove_stale_temporaries(p.run_dir)
@@ -955,7 +717,8 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
         project_dir=str(run_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    for name in (logger.name, *LIBRARY_LOGGERS):  # progress from the main process only
+        logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
 
     data, disc_config, gen_config, checkpoint = prepare_inputs(args, accelerator, run_dir)
     accelerator.wait_for_everyone()  # every process has verified its checkpoint before the folder changes
@@ -963,6 +726,7 @@ def pretrain(args: argparse.Namespace, stop: StopRequest) -> int:
         start_run_dir(
             run_dir, args.overwrite_output_dir, dict(vars(args), **derived_values(accelerator, data))
         )
+        write_json_atomically(run_dir / DATA_STATS_FILE, data.data_stats)
         if checkpoint is not None and args.resume_from_checkpoint == "auto":
             set_aside_newer_checkpoints(run_dir, checkpoint)
     accelerator.wait_for_everyone()

@@ -47,13 +47,14 @@ from bench.bench_moe import (  # noqa: E402
     parse_common_args,
     synchronize,
 )
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table, write_json_atomically  # noqa: E402
 
-METHODS = ("dense", "per_expert", "bmm")
+GEMM_METHODS = ("dense", "per_expert", "bmm")
 KINDS = ("up", "down", "grad_hidden", "grad_w_out", "grad_w_in", "grad_input")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,7 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_expert_gemms_<device>.json)"
     )
-    return parse_common_args(parser, argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_common_args(build_argument_parser(), argv)
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +111,7 @@ def matmul_runner(method: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     return run
 
 
-def bench_config(
+def bench_gemm_config(
     shape: Shape,
     num_experts: int,
     top_k: int,
@@ -121,12 +126,12 @@ def bench_config(
     moe = matmul_operands(tokens * top_k, shape.hidden, shape.expert, num_experts, device, dtype)
     runners = {
         method: {kind: matmul_runner(method, *(dense if method == "dense" else moe)[kind]) for kind in KINDS}
-        for method in METHODS
+        for method in GEMM_METHODS
     }
-    samples = {method: {kind: [] for kind in KINDS} for method in METHODS}
+    samples = {method: {kind: [] for kind in KINDS} for method in GEMM_METHODS}
     for round_index in range(args.warmup + args.repeats):
-        shift = round_index % len(METHODS)
-        for method in METHODS[shift:] + METHODS[:shift]:
+        shift = round_index % len(GEMM_METHODS)
+        for method in GEMM_METHODS[shift:] + GEMM_METHODS[:shift]:
             for kind, run in runners[method].items():
                 synchronize(device)
                 start = time.perf_counter()
@@ -135,7 +140,7 @@ def bench_config(
                 if round_index >= args.warmup:
                     samples[method][kind].append((time.perf_counter() - start) * 1e3)
     results = {}
-    for method in METHODS:
+    for method in GEMM_METHODS:
         best = {kind: min(samples[method][kind]) for kind in KINDS}
         results[method] = dict(
             min_ms=best,
@@ -143,7 +148,7 @@ def bench_config(
             median_ms={kind: statistics.median(samples[method][kind]) for kind in KINDS},
             samples_ms=samples[method],
         )
-    for method in METHODS:
+    for method in GEMM_METHODS:
         results[method]["ratio"] = {
             kind: results["dense"]["min_ms"][kind] / results[method]["min_ms"][kind] for kind in KINDS
         }
@@ -160,11 +165,11 @@ def bench_config(
     )
 
 
-def markdown_table(rows: list[dict]) -> str:
+def gemm_table(rows: list[dict]) -> str:
     header = ["shape", "experts", "top-k", "rows/expert", "method", *KINDS, "all six"]
     cells = []
     for row in rows:
-        for method in METHODS:
+        for method in GEMM_METHODS:
             result = row["methods"][method]
             line = [
                 row["shape"],
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = config_grid(args)
     if configs is None:
-        return 2
+        return EXIT_BAD_INPUT
     for shape, num_experts, top_k in configs:
         if (shape.tokens * top_k) % num_experts:
             print(
@@ -198,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                 "slices; choose --tokens accordingly",
                 file=sys.stderr,
             )
-            return 2
+            return EXIT_BAD_INPUT
 
     started = time.perf_counter()
-    rows = [bench_config(shape, e, k, args, device, dtype) for shape, e, k in tqdm(configs, desc="configs")]
+    rows = [
+        bench_gemm_config(shape, e, k, args, device, dtype) for shape, e, k in tqdm(configs, desc="configs")
+    ]
     payload = dict(
         benchmark="bench_expert_gemms",
         command="python bench/bench_expert_gemms.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     output = args.output or RESULTS_DIR / f"bench_expert_gemms_{device.type}.json"
     write_json_atomically(output, payload)
-    print(markdown_table(rows))
+    print(gemm_table(rows))
     print(f"\nwrote {output} ({payload['wall_s']:.0f} s)")
     return 0
 

@@ -62,6 +62,7 @@ from transformers.models.electra.modeling_electra import ElectraIntermediate, El
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from modeling_electra import ElectraMoEBlock, ElectraMoEConfig  # noqa: E402
 from modeling_electra_config import PRESETS  # noqa: E402
 from outputs import render_table, write_json_atomically  # noqa: E402
@@ -170,7 +171,7 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     return args
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -182,6 +183,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_moe_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     if DENSE not in args.methods:
         parser.error("--methods must include dense (every ratio is relative to it)")
@@ -547,7 +553,7 @@ def routed_tokens_per_expert(
     return torch.bincount(top_ids.reshape(-1), minlength=num_experts).tolist()
 
 
-def bench_config(
+def bench_layer_config(
     shape: Shape,
     num_experts: int,
     top_k: int,
@@ -794,12 +800,12 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = config_grid(args)
     if configs is None:
-        return 2
+        return EXIT_BAD_INPUT
 
     started = time.perf_counter()
     rows = []
     for shape, num_experts, top_k in tqdm(configs, desc="configs"):
-        rows.append(bench_config(shape, num_experts, top_k, args, device, dtype))
+        rows.append(bench_layer_config(shape, num_experts, top_k, args, device, dtype))
     payload = dict(
         benchmark="bench_moe",
         command="python bench/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:]),

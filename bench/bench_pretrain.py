@@ -2,7 +2,7 @@
 and of the data pipeline.
 
 The step is `wikitext_trainer.py`'s own: its `build_training_run` builds the models and the objective
-(`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, Gumbel sampling,
+(`rtd.ElectraPretrainingModel`: masking 15%, generator MLM on the masked positions, sampling the replacements,
 discriminator RTD loss x 50, both models' router losses; shared embeddings), AdamW with ELECTRA's parameter
 groups and the schedule, and its `train_step` runs forward, backward, gradient clipping and the AdamW step.
 Per size (`--sizes`, default `small`: batch 128 x 128 tokens; `base`: batch 128 x 512 tokens) it times the
@@ -13,7 +13,7 @@ the top-2 MoE models, same generator) and the study's six MoE configurations (ex
 compute (dense for top-1, dense-2x for top-2): 1.0 = as fast. Step times are the best of the timed rounds
 (medians and every sample are in the JSON), as in bench_moe. Each step's model FLOPs are counted by
 `rtd_step_flops` (its docstring says how); TFLOP/s is that over the step time, and MFU that over
-`--peak_tflops` (on CUDA the H200's measured bf16 dense peak unless given; not shown on CPU unless given).
+`--peak_tflops` (on CUDA the H200 SXM's spec-sheet bf16 dense peak, 989, unless given; not shown on CPU unless given).
 
 The data part (when ../shared/data is present) runs the trainer's WikiText pipeline on WikiText-2
 (validation + test, 2.4 MB) with ELECTRA's vocabulary and `--example_format packed`: articles -> tokenize
@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain_data  # noqa: E402
+import pretrain_documents  # noqa: E402
 import rtd  # noqa: E402
 import wikitext_trainer as wt  # noqa: E402
 from bench.bench_moe import (  # noqa: E402
@@ -90,7 +91,7 @@ CONFIG_HELP = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -108,10 +109,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peak_tflops",
         type=float,
-        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200's "
-        "measured bf16 dense peak; on CPU no MFU unless given)",
+        help=f"peak TFLOP/s the MFU is relative to (default on CUDA: {H200_BF16_DENSE_TFLOPS}, the H200 SXM's "
+        "spec-sheet bf16 dense peak; on CPU no MFU unless given)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model (not tried on CPU)")
+    parser.add_argument(
+        "--compile", action="store_true", help="the trainer's --compile (each encoder layer, inductor)"
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="the trainer's --gradient_checkpointing"
+    )
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-pipeline part")
     parser.add_argument(
@@ -124,6 +130,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON path (default bench/results/bench_pretrain_<device>.json)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_argument_parser()
     args = parse_common_args(parser, argv)
     for flag in ("batch_size", "max_seq_length", "peak_tflops"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -196,7 +207,7 @@ def rtd_step_flops(
     - the discriminator head on every token: dense h -> h, then h -> 1.
     Forward plus backward is 3 x the forward (the backward computes the gradients of both each matmul's
     input and its weight). Not counted: embedding lookups, layer norms, softmax, activations, biases,
-    dropout, the Gumbel sampling, the losses and the optimizer (elementwise work, not matmuls).
+    dropout, the sampling of replacements, the losses and the optimizer (elementwise work, not matmuls).
     """
     tokens = batch * seq_len
     h, e, v = disc_config.hidden_size, disc_config.embedding_size, disc_config.vocab_size
@@ -212,7 +223,7 @@ def rtd_step_flops(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer():
+def load_bench_tokenizer():
     """ELECTRA's vocabulary from ../shared/data, or just its special-token ids (all the step needs)."""
     if (ELECTRA_VOCAB / "vocab.txt").is_file():
         from transformers import AutoTokenizer
@@ -292,16 +303,16 @@ def build_runs(
     for name in config_names(args):
         config = config_spec(name, size)
         # Created and initialised on the device: 64x1 at base has 3.6 G parameters, slow to fill on the host.
+        scaling = [f"--{flag}" for flag in ("compile", "gradient_checkpointing") if getattr(args, flag)]
         with torch.device(accelerator.device):
             run, trainer_args, (disc, gen) = build_training(
-                size, config["flags"], seq_len, tokenizer, vocab_size, accelerator, args.warmup + args.repeats
-            )
+                size, [*config["flags"], *scaling], seq_len, tokenizer, vocab_size, accelerator,
+                args.warmup + args.repeats,
+            )  # fmt: skip
         params = sum(p.numel() for p in run.model.parameters())
-        if args.compile:
-            run.model = torch.compile(run.model)
         flops = rtd_step_flops(disc, gen, batch, seq_len, trainer_args.mask_prob)
         runs[name] = dict(config=config, run=run, max_grad_norm=trainer_args.max_grad_norm, params=params,
-                          batch=batch, flops=flops, times=[], cpu=[], peak=[])  # fmt: skip
+                          batch=batch, flops=flops, times=[], cpu=[], peak=[], scaling=scaling)  # fmt: skip
     return runs
 
 
@@ -339,7 +350,7 @@ def step_rows(runs: dict, size: str, seq_len: int, peak_tflops: float | None) ->
         row = dict(size=size, name=name, flags=run["config"]["flags"], reference=run["config"]["reference"],
                    parameters=run["params"], batch=run["batch"], seq_len=seq_len, tokens_per_step=tokens,
                    step_s=seconds, tokens_per_s=tokens / seconds, flops_per_step=run["flops"],
-                   tflops_per_s=run["flops"] / seconds / 1e12)  # fmt: skip
+                   tflops_per_s=run["flops"] / seconds / 1e12, scaling=run["scaling"])  # fmt: skip
         if peak_tflops:
             row["mfu"] = row["tflops_per_s"] / peak_tflops
         median = statistics.median(run["times"])
@@ -376,7 +387,7 @@ def bench_steps(args: argparse.Namespace, device: torch.device, save=None) -> tu
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
-    tokenizer = load_tokenizer()
+    tokenizer = load_bench_tokenizer()
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     rows, errors = [], []
     for size in args.sizes:
@@ -406,7 +417,7 @@ def bench_data(threads: int) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(ELECTRA_VOCAB))
     lines = train.read_text(encoding="utf-8").splitlines()
     start = time.perf_counter()
-    articles = pretrain_data.group_into_articles(lines)
+    articles = list(pretrain_documents.group_into_articles(lines))
     blocks = 0
     for i in range(0, len(articles), pretrain_data.TOKENIZE_BATCH_SIZE):
         batch = {"text": articles[i : i + pretrain_data.TOKENIZE_BATCH_SIZE]}
@@ -435,8 +446,8 @@ def bench_data(threads: int) -> dict | None:
         reload_s = time.perf_counter() - start
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    cached_tokens = sum(split["input_ids"].size for split in again.values())
-    if cached_tokens != sum(split["input_ids"].size for split in first.values()):
+    cached_tokens = sum(len(again[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation"))
+    if cached_tokens != sum(len(first[split]["input_ids"]) * SEQ_LEN for split in ("train", "validation")):
         raise RuntimeError("the cached reload returned different blocks")
     return dict(
         corpus="WikiText-2 validation (train) + test (validation), ELECTRA uncased vocabulary",
@@ -462,14 +473,18 @@ def step_table(rows: list[dict]) -> list[str]:
     lines = []
     for size in dict.fromkeys(row["size"] for row in rows):
         sized = [row for row in rows if row["size"] == size]
-        mfu = "mfu" in sized[0]
+        mfu, peak = "mfu" in sized[0], "peak_memory_gib" in sized[0]
         lines += [f"RTD training step (generator + discriminator + AdamW), `{size}`, batch {sized[0]['batch']} x "
-                  f"{sized[0]['seq_len']} tokens", ""]  # fmt: skip
+                  f"{sized[0]['seq_len']} tokens{scaling_note(sized[0])}", ""]  # fmt: skip
         lines += [
             "| model | parameters | step s | tokens/s | TFLOP/s |"
             + (" MFU |" if mfu else "")
+            + (" peak GiB |" if peak else "")
             + " vs equal-compute dense |",
-            "| --- | --- | --- | --- | --- |" + (" --- |" if mfu else "") + " --- |",
+            "| --- | --- | --- | --- | --- |"
+            + (" --- |" if mfu else "")
+            + (" --- |" if peak else "")
+            + " --- |",
         ]
         for row in sized:
             versus = (
@@ -481,10 +496,16 @@ def step_table(rows: list[dict]) -> list[str]:
                 f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['step_s']:.3g} | "
                 f"{row['tokens_per_s']:,.0f} | {row['tflops_per_s']:.3g} |"
                 + (f" {row['mfu']:.1%} |" if mfu else "")
+                + (f" {row['peak_memory_gib']:.2f} |" if peak else "")
                 + f" {versus} |"
             )
         lines.append("")
     return lines
+
+
+def scaling_note(row: dict) -> str:
+    """`, --compile, --gradient_checkpointing`: the trainer's scaling flags the step ran with, if any."""
+    return "".join(f", {flag}" for flag in row.get("scaling", []))
 
 
 def markdown(rows: list[dict], data: dict | None, errors: list[dict] = (), skipped_data: bool = False) -> str:
@@ -531,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine_description(device, args.threads),
         mixed_precision=args.mixed_precision,
         compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
         peak_tflops=args.peak_tflops,
         flops_counted=rtd_step_flops.__doc__.split("\n\n", 1)[1].strip(),
         repeats=args.repeats,

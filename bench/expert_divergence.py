@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table  # noqa: E402
+from score_rtd import expert_spread  # noqa: E402
 
 DENSE_SUFFIX = "intermediate.dense.weight"  # (intermediate, hidden), nn.Linear's layout
 EXPERT_SUFFIX = "moe.experts.weight_in"  # (experts, hidden, intermediate)
@@ -66,16 +68,13 @@ def divergence(dense: dict[int, torch.Tensor], model: dict[int, torch.Tensor]) -
             raise ValueError(
                 f"layer {layer}: FFN shape {tuple(experts.shape[1:])} vs dense {tuple(reference.shape)}"
             )
-        mean = experts.mean(0)
-        moved = ((experts - reference).flatten(1).norm(dim=1) / reference.norm()).mean()
-        spread = ((experts - mean).flatten(1).norm(dim=1) / mean.norm()).mean()
-        rows.append(
-            {"layer": layer, "experts": experts.shape[0], "moved": moved.item(), "spread": spread.item()}
-        )
+        moved = ((experts - reference).flatten(1).norm(dim=1) / reference.norm()).mean().item()
+        spread = expert_spread(experts)
+        rows.append({"layer": layer, "experts": experts.shape[0], "moved": moved, "spread": spread})
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -83,7 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dense", type=Path, required=True, help="the dense model the experts were copied from"
     )
     parser.add_argument("--compare", type=Path, nargs="+", required=True, help="saved models, dense or MoE")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": str(model_dir), **row})
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(render_table(pd.DataFrame(rows), floatfmt=".2e"))
     return 0
 

@@ -9,12 +9,15 @@ a step never gets more than the time that is left.
 3. `bench/bench_moe.py --device cuda`: Small and Base shapes, E in {8, 16, 64}, k in {1, 2}
 4. `bench/bench_pretrain.py --device cuda`: the RTD step's tokens/s and MFU in bf16, small and base,
    dense, dense-2x, 8x2 and 64x1
-5. `wikitext_trainer.py` small 8x2 bf16 on WikiText-2: checkpoints, is stopped with SIGUSR1 (exit 75),
+5. bench_scaling: `bench/bench_pretrain.py` again at base 8x2 with the trainer's --gradient_checkpointing and
+   --compile (the CPU dry run: checkpointing only; inductor needs minutes on 2 CPU cores), to compare with
+   step 4's base 8x2 row: tokens/s and peak memory
+6. `wikitext_trainer.py` small 8x2 bf16 on WikiText-2: checkpoints, is stopped with SIGUSR1 (exit 75),
    resumes and finishes; then `run_glue.py --bf16` on SST-2 (seeded 8k subsample, 1 epoch) from it
-6. `gpu_check.json` (everything measured) and `gpu_check.md` (a short summary) in the output folder
+7. `gpu_check.json` (everything measured) and `gpu_check.md` (a short summary) in the output folder
 
-Outputs (5 files, all in `--out`): gpu_check.log (every step's output), gpu_check.json, gpu_check.md,
-bench_moe.json, bench_pretrain.json. Runs and checkpoints go to a scratch folder that is deleted.
+Outputs (6 files, all in `--out`): gpu_check.log (every step's output), gpu_check.json, gpu_check.md,
+bench_moe.json, bench_pretrain.json, bench_scaling.json. Runs and checkpoints go to a scratch folder that is deleted.
 
 `--cpu-dry-run` runs the same steps at toy sizes on the CPU (the CUDA tests skip, and the summary says so),
 so that tests/test_gpu_check.py keeps the kit working between GPU runs.
@@ -41,17 +44,21 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from run_study import resolve_data  # noqa: E402  (stdlib only at import)
+from input_checks import EXIT_BAD_INPUT, finished_run_model  # noqa: E402  (stdlib only at import)
+from outputs import read_jsonl  # noqa: E402
+from run_study import resolve_data  # noqa: E402
 
 DEFAULT_BUDGET_S = 470
 # Each step's own limit on the GPU, in seconds (the budget left caps it too).
 GPU_TIME_BOX = {"environment": 60, "pytest_cuda": 90, "bench_moe": 90, "bench_pretrain": 90,
-                "pretrain": 150, "glue": 80}  # fmt: skip
+                "bench_scaling": 60, "pretrain": 150, "glue": 80}  # fmt: skip
 DRY_TIME_BOX = {"environment": 60, "pytest_cuda": 60, "bench_moe": 60, "bench_pretrain": 120,
-                "pretrain": 120, "glue": 90}  # fmt: skip
+                "bench_scaling": 90, "pretrain": 120, "glue": 90}  # fmt: skip
 REQUEUE_EXIT_CODE = 75  # wikitext_trainer.py's "checkpointed after a stop signal, run me again"
 RESUMED = re.compile(r"Resumed from \S+ at step (\d+)")
-H200_BF16_DENSE_TFLOPS = 790  # measured on a lent H200 (the device notes); the datasheet says ~990
+# A spec-sheet value, not a measurement: NVIDIA's H200 datasheet (nvidia.com/en-us/data-center/h200, H200 SXM)
+# gives BF16 Tensor Core 1,979 TFLOPS "with sparsity"; dense is half of it. No peak was measured here.
+H200_BF16_DENSE_TFLOPS = 989
 POLL_S = 0.05
 
 # The sizes of the pretraining + GLUE step: a ~2-minute small 8x2 run on the GPU, a toy run on the CPU.
@@ -194,6 +201,18 @@ def bench_pretrain_command(dry: bool, output: Path) -> list[str]:
     return ["bench/bench_pretrain.py", *grid, *peak, "--skip_data", "--output", str(output)]
 
 
+def bench_scaling_command(dry: bool, output: Path) -> list[str]:
+    """Base 8x2 with --gradient_checkpointing and --compile (step 4 has it without); the CPU dry run at toy
+    size with checkpointing only (inductor's C++ compile takes minutes on 2 CPU cores)."""
+    if dry:
+        grid = ["--device", "cpu", "--threads", "1", "--sizes", "tiny", "--configs", "moe8-top2", "--batch_size",
+                "2", "--max_seq_length", "32", "--repeats", "1", "--warmup", "0", "--gradient_checkpointing"]  # fmt: skip
+    else:
+        grid = ["--device", "cuda", "--mixed_precision", "bf16", "--sizes", "base", "--configs", "moe8-top2",
+                "--repeats", "5", "--warmup", "2", "--gradient_checkpointing", "--compile"]  # fmt: skip
+    return ["bench/bench_pretrain.py", *grid, "--skip_data", "--output", str(output)]
+
+
 def step_bench(check: Check, step: Step, command: list[str], output: Path) -> None:
     output.unlink(missing_ok=True)  # a stale file must not pass for this run's results
     code = check.run([check.python, *command], step.name, time.monotonic() + check.limit(step.name))
@@ -230,15 +249,9 @@ def summarize_bench(name: str, payload: dict) -> dict:
     return {"rows": rows}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_run_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            records.append(json.loads(line))
-    return records
+    return [record for _, record in read_jsonl(path)] if path.is_file() else []
 
 
 def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool) -> Path | None:
@@ -263,7 +276,7 @@ def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool)
     signal_at = DRY_SIGNAL_AT_STEP if dry else GPU_SIGNAL_AT_STEP
     signalled_at = None
     while proc.poll() is None and time.monotonic() < until:
-        steps = [r["step"] for r in read_metrics(run_dir)]
+        steps = [r["step"] for r in read_run_metrics(run_dir)]
         if steps and (max(steps) >= signal_at or time.monotonic() > latest_signal):
             signalled_at = max(steps)
             proc.send_signal(signal.SIGUSR1)
@@ -280,14 +293,14 @@ def step_pretrain(check: Check, step: Step, scratch: Path, data: str, dry: bool)
     command = [check.python, "wikitext_trainer.py", *flags({**options, "resume_from_checkpoint": "auto"})]
     second = check.run(command, "pretrain (resume)", until)
     resumed = RESUMED.findall(Path(check.log.name).read_bytes()[log_start:].decode(errors="replace"))
-    records = read_metrics(run_dir)
+    records = read_run_metrics(run_dir)
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") != "train"]
     final_step = max((r["step"] for r in records), default=None)
     step.results.update(second_exit=second, resumed_at_step=int(resumed[-1]) if resumed else None,
                         final_step=final_step, last_train=train[-1] if train else None,
                         last_validation=valid[-1] if valid else None)  # fmt: skip
-    finished = (run_dir / "discriminator" / "config.json").is_file()
+    finished = finished_run_model(run_dir) is not None
     if second == 0 and resumed and final_step == options["max_training_steps"] and finished:
         step.status = "passed"
         step.detail = f"stopped at step {resumed[-1]}, resumed, finished at {final_step}"
@@ -380,7 +393,7 @@ def default_data() -> str:
     return "demo"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -392,7 +405,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S, help="all steps together")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the steps")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,12 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or default_data()
     if args.data and data not in ("demo", "hub") and not (Path(data) / "wikitext-2").is_dir():
         print(f"error: --data {data} has no wikitext-2/ folder (../shared/data layout)", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     check = Check(args.out, args.budget_s, DRY_TIME_BOX if args.cpu_dry_run else GPU_TIME_BOX, args.python)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    names = ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "pretrain", "glue"]
+    names = ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "bench_scaling", "pretrain", "glue"]
     steps = {name: Step(name) for name in names}
     run_dir = None
     try:
@@ -426,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "bench_pretrain":
                     output = args.out / "bench_pretrain.json"
                     step_bench(check, step, bench_pretrain_command(args.cpu_dry_run, output), output)
+                elif name == "bench_scaling":
+                    output = args.out / "bench_scaling.json"
+                    step_bench(check, step, bench_scaling_command(args.cpu_dry_run, output), output)
                 elif name == "pretrain":
                     run_dir = step_pretrain(check, step, scratch, data, args.cpu_dry_run)
                 else:

@@ -160,11 +160,15 @@ def write_glue(out_dir: Path, rng: random.Random) -> None:
         write_tsv(out_dir / "STS-B" / f"{split}.tsv", header, rows)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--seed", type=int, default=SEED)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): each module's tests stay on one worker,
+# so a module- or session-scoped fixture (a finished run, a Slurm cluster) is built once, and the slowest
+# tests are groups of their own, scheduled first, so that the two workers finish at about the same time.
+OWN_GROUP = (
+    "test_pipeline_end_to_end_on_the_demo_sample",
+    "test_transfer_study_converts_upcycles_and_fine_tunes",
+    "test_cpu_dry_run_runs_every_step",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        own = getattr(item, "originalname", item.name) in OWN_GROUP
+        item.add_marker(pytest.mark.xdist_group(item.name if own else item.nodeid.split("::")[0]))
+    if config.getoption("numprocesses", None):
+        items.sort(key=lambda item: getattr(item, "originalname", item.name) not in OWN_GROUP)
+
+
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
     """A test that calls a benchmark's main() sets torch's thread count; later in-process runs keep one."""

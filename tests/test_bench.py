@@ -75,7 +75,7 @@ def test_rtd_step_flops_agrees_with_torch_flop_counter(moe):
     """torch's FlopCounterMode over a real forward + backward of the RTD objective counts the same matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tokenizer = bench_pretrain.load_tokenizer()
+    tokenizer = bench_pretrain.load_bench_tokenizer()
     sizes = dict(
         hidden_size=32, num_attention_heads=2, intermediate_size=64, embedding_size=16, num_hidden_layers=2
     )
@@ -117,14 +117,17 @@ def test_bench_pretrain_default_grids_and_bad_arguments(capsys):
 @pytest.mark.slow
 def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)  # wiring, not speed
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: compiled.append(fn) or fn)  # wiring, not speed
     output = tmp_path / "pretrain.json"
     argv = ["--sizes", "tiny", "--configs", "dense", "dense-2x", "moe4-top2", "moe4-ec1", "--batch_size", "2"]
     argv += ["--max_seq_length", "16", "--repeats", "1", "--warmup", "0", "--skip_data", "--threads", "1"]
-    assert bench_pretrain.main([*argv, "--peak_tflops", "100", "--compile", "--output", str(output)]) == 0
+    scaling = ["--compile", "--gradient_checkpointing"]
+    assert bench_pretrain.main([*argv, "--peak_tflops", "100", *scaling, "--output", str(output)]) == 0
     payload = json.loads(output.read_text())
     steps = {row["name"]: row for row in payload["steps"]}
-    assert list(steps) == ["dense", "dense-2x", "moe4-top2", "moe4-ec1"] and len(compiled) == 4
+    assert list(steps) == ["dense", "dense-2x", "moe4-top2", "moe4-ec1"]
+    assert len(compiled) == 4 * 2 * 4  # each configuration's generator and discriminator layers (tiny: 4)
+    assert payload["gradient_checkpointing"] and all(row["scaling"] == scaling for row in steps.values())
     assert steps["moe4-top2"]["reference"] == "dense-2x" and steps["moe4-ec1"]["reference"] == "dense"
     assert steps["moe4-top2"]["parameters"] > steps["dense-2x"]["parameters"] > steps["dense"]["parameters"]
     for row in steps.values():
@@ -137,7 +140,10 @@ def test_bench_pretrain_step_runs(tmp_path, monkeypatch, capsys):
     assert steps["moe4-top2"]["flops_per_step"] == steps["dense-2x"]["flops_per_step"] + router
     assert steps["moe4-ec1"]["flops_per_step"] == steps["dense"]["flops_per_step"] + router
     table = capsys.readouterr().out
-    assert "`tiny`, batch 2 x 16 tokens" in table and "| TFLOP/s | MFU |" in table
+    assert (
+        "`tiny`, batch 2 x 16 tokens, --compile, --gradient_checkpointing" in table
+        and "| TFLOP/s | MFU |" in table
+    )
     assert payload["peak_tflops"] == 100 and "3 x the forward" in payload["flops_counted"]
     assert bench_pretrain.main([*argv, "--configs", "dense", "--output", str(output)]) == 0
     (row,) = json.loads(output.read_text())["steps"]
@@ -184,7 +190,7 @@ def test_bench_expert_gemms_runs_and_rejects_uneven_slices(tmp_path, capsys):
     rows = json.loads(output.read_text())["rows"]
     assert [(row["top_k"], row["rows_per_expert"]) for row in rows] == [(1, 64), (2, 128)]
     for row in rows:
-        assert set(row["methods"]) == set(bench_expert_gemms.METHODS)
+        assert set(row["methods"]) == set(bench_expert_gemms.GEMM_METHODS)
         assert row["methods"]["dense"]["total_ratio"] == 1.0
         assert all(ms > 0 for ms in row["methods"]["per_expert"]["min_ms"].values())
     assert bench_expert_gemms.main(["--shapes", "small", "--experts", "3", "--tokens", "256"]) == 2
@@ -196,8 +202,8 @@ def test_expert_divergence_known_answers_and_saved_models(tmp_path, capsys):
     from transformers import ElectraConfig, ElectraForPreTraining
 
     from bench import expert_divergence
-    from modeling_electra import upcycle_dense_to_moe
     from test_modeling import TINY
+    from upcycling import upcycle_dense_to_moe
 
     weight = torch.randn(1, 6, 10)
     experts = weight.repeat(8, 1, 1)

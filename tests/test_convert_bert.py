@@ -115,3 +115,36 @@ def test_zip_without_checkpoint_is_refused(tmp_path, capsys):
     )
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_drop_upcycling_from_the_command_line_is_recorded(tmp_path, bert_dir):
+    src, bert = bert_dir
+    out = tmp_path / "drop"
+    args = ["--bert_path", str(src), "--output_dir", str(out), "--num_experts", "4", "--top_k", "2"]
+    drop = ["--upcycle_method", "drop", "--drop_ratio", "0.25", "--upcycle_seed", "3"]
+    assert convert_bert_checkpoint.main(args + drop) == 0
+    moe = AutoModel.from_pretrained(out)
+    assert moe.config.upcycling == {"method": "drop", "drop_ratio": 0.25, "seed": 3}
+    dense_in = bert.encoder.layer[1].intermediate.dense.weight.t()
+    experts_in = moe.encoder.layer[1].moe.experts.weight_in
+    kept = [(experts_in[e] == dense_in).all(0) for e in range(4)]
+    assert [int(k.sum()) for k in kept] == [48] * 4  # round(0.75 * 64) of each expert's neurons
+    assert not torch.equal(kept[0], kept[1])
+    assert convert_bert_checkpoint.main(args[:4] + ["--num_experts", "4"]) == 2  # output exists
+    assert convert_bert_checkpoint.main(args + ["--overwrite_output_dir"]) == 0
+    assert AutoModel.from_pretrained(out).config.upcycling == {"method": "copy", "drop_ratio": 0.0, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--drop_ratio", "1.5"], "--drop_ratio"), (["--upcycle_method", "drop"], "--num_experts")],
+)
+def test_bad_upcycle_flags_exit_2(tmp_path, bert_dir, capsys, flags, message):
+    src, _ = bert_dir
+    assert (
+        convert_bert_checkpoint.main(["--bert_path", str(src), "--output_dir", str(tmp_path / "o"), *flags])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "o").exists()

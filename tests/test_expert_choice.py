@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import ElectraConfig, ElectraForPreTraining
 
-from modeling_electra import ElectraMoEConfig, ElectraMoEForPreTraining, ElectraMoEModel, upcycle_dense_to_moe
+from modeling_electra import ElectraMoEConfig, ElectraMoEForPreTraining, ElectraMoEModel
 from modeling_electra_config import EXPERT_CHOICE_CAPACITY_FACTOR
 from moe_dispatch import expert_choice_slots
+from moe_reference import reference_routing
 from test_modeling import TINY
+from upcycling import upcycle_dense_to_moe
 
 
 def ec_config(**overrides) -> ElectraMoEConfig:
@@ -44,7 +46,7 @@ def reference_expert_choice(block, hidden: torch.Tensor, token_mask: torch.Tenso
     the highest score for e; y_t = sum over the experts that took t of gate * expert(x_t)."""
     experts = block.experts
     x = hidden.reshape(-1, hidden.shape[-1])
-    probs = block.router(x)[1]
+    probs = reference_routing(block.router, x).probs.to(x.dtype)  # fp64 from the router's weight
     taken: dict[int, list[int]] = {t: [] for t in range(x.shape[0])}
     for group in routing_groups(token_mask, scope):
         capacity = min(math.ceil(block.capacity_factor * len(group) / block.num_experts), len(group))
@@ -70,7 +72,7 @@ def test_every_expert_takes_min_capacity_routable_tokens_and_never_padding(scope
     # Padding positions the router would rank first for every expert if it could take them.
     hidden[~token_mask] = 50 * block.router.weight.sum(0).detach()
     x = hidden.reshape(-1, TINY["hidden_size"])
-    probs = block.router(x)[1]
+    probs = reference_routing(block.router, x).probs.float()
     group_size = hidden.shape[1] if scope == "sequence" else x.shape[0]
     slots = expert_choice_slots(probs, token_mask.reshape(-1), group_size, capacity_factor, False)
     assert not token_mask.reshape(-1)[slots.token].logical_not().any(), "a padding token was taken"
@@ -195,7 +197,8 @@ def test_upcycled_block_equals_dense_ffn_on_every_taken_token():
         expected = layer.output(layer.intermediate(hidden), hidden)
         out, _ = block(hidden, token_mask)
         x = hidden.reshape(-1, TINY["hidden_size"])
-        slots = expert_choice_slots(block.router(x)[1], token_mask.reshape(-1), 16, 2.0, True)
+        probs = reference_routing(block.router, x).probs.float()
+        slots = expert_choice_slots(probs, token_mask.reshape(-1), 16, 2.0, True)
     taken = torch.zeros(x.shape[0], dtype=torch.bool)
     taken[slots.token] = True
     taken = taken.view_as(token_mask)

@@ -10,6 +10,7 @@ import pytest
 
 import gather_glue_results
 from glue_results_fixture import eval_results, make_results_tree
+from input_checks import EXIT_BAD_INPUT
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def test_corrupt_config_is_reported(tree, caplog):
 
 
 def test_empty_tree_is_an_error(tmp_path, caplog):
-    assert gather_glue_results.main([str(tmp_path)]) == gather_glue_results.EXIT_NO_RESULTS
+    assert gather_glue_results.main([str(tmp_path)]) == EXIT_BAD_INPUT
     assert "no usable eval_results.json" in caplog.text
     assert not (tmp_path / "glue_results_summary.csv").exists()
 
@@ -263,7 +264,7 @@ def test_baseline_differences_in_csv_and_table(tmp_path, capsys):
     )
     assert [row[0] for row in paired[1:]] == ["moe"]
     assert paired[1][paired[0].index("rte")] == "+1.5 [+0.6, +2.4] p=0.014 (4)"
-    assert gather_glue_results.main([str(root), "--baseline", "nope"]) == gather_glue_results.EXIT_NO_RESULTS
+    assert gather_glue_results.main([str(root), "--baseline", "nope"]) == EXIT_BAD_INPUT
 
 
 def test_expert_choice_is_named_as_such_not_as_top_k(tmp_path, capsys):

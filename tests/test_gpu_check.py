@@ -25,6 +25,7 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert files == [
         "bench_moe.json",
         "bench_pretrain.json",
+        "bench_scaling.json",
         "gpu_check.json",
         "gpu_check.log",
         "gpu_check.md",
@@ -32,13 +33,15 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert len(files) <= MAX_OUTPUT_FILES
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {step["name"]: step for step in report["steps"]}
-    assert list(steps) == ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "pretrain", "glue"]
+    assert list(steps) == ["environment", "pytest_cuda", "bench_moe", "bench_pretrain", "bench_scaling", "pretrain",
+                           "glue"]  # fmt: skip
     assert steps["environment"]["results"]["cuda_available"] is False
     pytest_step = steps["pytest_cuda"]
     assert pytest_step["status"] == "skipped" and "no CUDA" in pytest_step["detail"]
     assert len(pytest_step["results"]["skipped"]) >= 20 and not pytest_step["results"]["failed"]
     assert all(
-        steps[name]["status"] == "passed" for name in ("bench_moe", "bench_pretrain", "pretrain", "glue")
+        steps[name]["status"] == "passed"
+        for name in ("bench_moe", "bench_pretrain", "bench_scaling", "pretrain", "glue")
     )
     pretrain = steps["pretrain"]["results"]
     assert pretrain["first_exit"] == gpu_check.REQUEUE_EXIT_CODE and pretrain["second_exit"] == 0
@@ -100,7 +103,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "step_pretrain", fake("pretrain"))
     monkeypatch.setattr(gpu_check, "step_glue", fake("glue"))
     assert gpu_check.main(["--out", str(tmp_path), "--data", "demo"]) == 1
-    assert ran == ["environment", "pytest", "bench", "bench", "pretrain", "glue"]
+    assert ran == ["environment", "pytest", "bench", "bench", "bench", "pretrain", "glue"]
     steps = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
     assert (
         steps["pytest_cuda"]["status"] == "failed" and "RuntimeError: boom" in steps["pytest_cuda"]["detail"]
@@ -130,10 +133,13 @@ def test_gpu_commands_cover_the_issue_grid():
     assert pretrain[pretrain.index("--sizes") + 1 : pretrain.index("--configs")] == ["small", "base"]
     configs = pretrain[pretrain.index("--configs") + 1 : pretrain.index("--repeats")]
     assert configs == ["dense", "dense-2x", "moe8-top2", "moe64-top1"]
-    assert pretrain[pretrain.index("--peak_tflops") + 1] == str(gpu_check.H200_BF16_DENSE_TFLOPS) == "790"
+    assert pretrain[pretrain.index("--peak_tflops") + 1] == str(gpu_check.H200_BF16_DENSE_TFLOPS) == "989"
     assert gpu_check.GPU_PRETRAIN["mixed_precision"] == "bf16" and gpu_check.GPU_GLUE["bf16"] is True
     assert gpu_check.GPU_GLUE["max_train_samples"] == 8000 and gpu_check.GPU_GLUE["num_train_epochs"] == 1
     assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
+    scaling = gpu_check.bench_scaling_command(dry=False, output=REPO_ROOT / "z.json")
+    assert {"--gradient_checkpointing", "--compile", "cuda", "base", "moe8-top2"} <= set(scaling)
+    assert "--compile" not in gpu_check.bench_scaling_command(dry=True, output=REPO_ROOT / "z.json")
 
 
 def test_a_failed_benchmark_keeps_what_it_saved_and_a_stale_file_is_not_read(tmp_path):

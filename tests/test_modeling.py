@@ -1,8 +1,6 @@
 """Model tests: dense equivalence with transformers' ELECTRA, MoE routing against a per-token reference,
 router losses, checkpoints and upcycling."""
 
-import math
-
 import pytest
 import torch
 from transformers import (
@@ -24,9 +22,10 @@ from modeling_electra import (
     ElectraMoEForPreTraining,
     ElectraMoEForSequenceClassification,
     ElectraMoEModel,
-    upcycle_dense_to_moe,
 )
 from modeling_electra_config import PRESETS, make_generator_config, preset_name
+from moe_reference import reference_moe, reference_routing
+from upcycling import upcycle_dense_to_moe
 
 TINY = dict(
     vocab_size=120,
@@ -91,32 +90,9 @@ def test_dense_checkpoint_loads_into_transformers_electra(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The MoE block against a straightforward per-token reference
+# The MoE block against a straightforward per-token reference whose router is computed independently
+# (tests/moe_reference.py: fp64 logits, softmax, top-k, renormalisation, noise and jitter from the weights)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def reference_moe(block: ElectraMoEBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None = None):
-    """Token by token: y_t = sum over kept choices of gate * expert(x_t); capacity in GShard priority order."""
-    experts = block.experts
-    x = hidden.reshape(-1, hidden.shape[-1])
-    _, _, gates, ids = block.router(x)
-    valid = token_mask.reshape(-1) if token_mask is not None else torch.ones(x.shape[0], dtype=torch.bool)
-    capacity = None
-    if block.capacity_factor is not None:
-        capacity = math.ceil(block.capacity_factor * int(valid.sum()) * block.top_k / block.num_experts)
-    used = [0] * block.num_experts
-    y = torch.zeros_like(x)
-    for choice in range(block.top_k):
-        for t in range(x.shape[0]):
-            if not valid[t]:
-                continue
-            e = int(ids[t, choice])
-            if capacity is not None and used[e] >= capacity:
-                continue
-            used[e] += 1
-            h = experts.act(x[t] @ experts.weight_in[e] + experts.bias_in[e])
-            y[t] += gates[t, choice] * (h @ experts.weight_out[e] + experts.bias_out[e])
-    return block.LayerNorm(y.view_as(hidden) + hidden)
 
 
 def make_block(seed=0, **overrides) -> ElectraMoEBlock:
@@ -132,7 +108,7 @@ def test_moe_block_matches_reference(implementation, num_experts, top_k):
     hidden = torch.randn(2, 7, TINY["hidden_size"])
     with torch.no_grad():
         out, router = block(hidden)
-        torch.testing.assert_close(out, reference_moe(block, hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, reference_moe(block, hidden)[0], rtol=1e-5, atol=1e-5)
     assert router.expert_load.sum().item() == pytest.approx(1.0)
     assert router.dropped_fraction.item() == 0.0
 
@@ -144,7 +120,7 @@ def test_experts_without_tokens(implementation):
     hidden = torch.randn(1, 3, TINY["hidden_size"])
     with torch.no_grad():
         out, router = block(hidden)
-        torch.testing.assert_close(out, reference_moe(block, hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, reference_moe(block, hidden)[0], rtol=1e-5, atol=1e-5)
     assert (router.expert_load == 0).sum() >= 5
 
 
@@ -162,10 +138,55 @@ def test_capacity_limited_routing_matches_reference(implementation, capacity_fac
     token_mask[1, 5:] = False
     with torch.no_grad():
         out, router = block(hidden, token_mask)
-        expected = reference_moe(block, hidden, token_mask)
+        expected, _, expected_aux = reference_moe(block, hidden, token_mask)
     valid = token_mask.unsqueeze(-1).expand_as(out)
     torch.testing.assert_close(out[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(router.aux_loss.double(), expected_aux, rtol=1e-5, atol=1e-6)
     assert router.dropped_fraction.item() > 0
+
+
+ROUTERS = {
+    "softmax_topk": dict(router_type="softmax_topk"),
+    "softmax_topk-renormalised": dict(router_type="softmax_topk", norm_topk_prob=True),
+    "softmax_topk-jitter": dict(router_type="softmax_topk", router_jitter_noise=0.3),
+    "noisy_topk": dict(router_type="noisy_topk"),
+    "noisy_topk-jitter": dict(router_type="noisy_topk", router_jitter_noise=0.3),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("router_kwargs", ROUTERS.values(), ids=ROUTERS)
+def test_router_and_block_match_the_independent_reference(router_kwargs, training):
+    """Logits, probabilities, gates, expert ids, output and load-balancing loss against the fp64 reference;
+    in training the block and the reference draw the same jitter and noise from one seed."""
+    block = make_block(seed=1, num_experts=6, top_k=2, hidden_dropout_prob=0.0, **router_kwargs)
+    block.train(training)
+    with torch.no_grad():  # spread-out gates, so renormalisation and the softmax's placement both show
+        block.router.weight.normal_(0.0, 0.3)
+        if hasattr(block.router, "noise_weight"):
+            block.router.noise_weight.normal_(0.0, 0.3)
+    hidden = torch.randn(2, 9, TINY["hidden_size"])
+    token_mask = torch.ones(2, 9, dtype=torch.bool)
+    token_mask[1, 6:] = False
+    x = hidden.reshape(-1, TINY["hidden_size"])
+    with torch.no_grad():
+        expected, routing, expected_aux = reference_moe(block, hidden, token_mask, seed=5)
+        torch.manual_seed(5)
+        logits, probs, gates, ids = block.router(x)
+        torch.manual_seed(5)
+        out, stats = block(hidden, token_mask)
+    torch.testing.assert_close(logits.double(), routing.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs.double(), routing.probs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, routing.ids)
+    torch.testing.assert_close(gates.double(), routing.gates, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[token_mask], expected[token_mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.aux_loss.double(), expected_aux, rtol=1e-5, atol=1e-6)
+    if not router_kwargs.get("norm_topk_prob") and router_kwargs["router_type"] == "softmax_topk":
+        assert (gates.sum(-1) < 0.99).all()  # raw top-k probabilities: renormalising would change them
+    draws = router_kwargs.get("router_jitter_noise") or router_kwargs["router_type"] == "noisy_topk"
+    if training and draws:
+        quiet = reference_routing(block.router, x)  # the draws must matter, or the test checks nothing
+        assert not torch.allclose(quiet.gates, routing.gates, atol=1e-3)
 
 
 def test_grouped_and_loop_paths_agree_with_gradients():
@@ -242,7 +263,7 @@ def test_aux_and_z_losses_match_hand_computation():
     torch.testing.assert_close(router.z_loss, expected_z)
     torch.testing.assert_close(router.expert_load, fraction)
     expected_entropy = -(probs * probs.log()).sum(-1).mean()
-    torch.testing.assert_close(router.entropy, expected_entropy)
+    torch.testing.assert_close(router.router_entropy, expected_entropy)
 
 
 def test_head_loss_includes_weighted_router_losses():
@@ -437,3 +458,13 @@ def test_presets_and_generator_sizes():
     assert gen_moe.num_experts == 8 and gen_moe.expert_intermediate_size == 1024
     with pytest.raises(ValueError, match="model size"):
         ElectraMoEConfig.from_preset("huge")
+
+
+def test_the_outputs_carry_the_router_fields_named_once():
+    from dataclasses import fields
+
+    from modeling_electra import ROUTER_FIELDS, ElectraMoEHeadOutput, ElectraMoEModelOutput
+
+    for output in (ElectraMoEModelOutput, ElectraMoEHeadOutput):
+        names = tuple(f.name for f in fields(output))
+        assert names[names.index("hidden_states") + 1 :] == ROUTER_FIELDS, output.__name__

@@ -19,6 +19,7 @@ import modeling_electra
 import rtd
 import wikitext_trainer as wt
 from conftest import REPO_ROOT
+from input_checks import EXIT_BAD_INPUT
 from pretrain_utils import read_metrics, trainer_argv
 
 STEPS = 150
@@ -153,7 +154,7 @@ def test_a_finished_run_is_not_overwritten_unless_asked(finished_run, capsys):
     before = (run_dir / "discriminator" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit_info:
         wt.main(argv)
-    assert exit_info.value.code == wt.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == EXIT_BAD_INPUT
     assert "already holds a finished run" in capsys.readouterr().err
     assert (run_dir / "discriminator" / "model.safetensors").stat().st_mtime_ns == before
 

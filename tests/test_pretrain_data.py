@@ -9,7 +9,9 @@ import pytest
 from transformers import AutoTokenizer
 
 import pretrain_data
+import pretrain_documents
 import wikitext_trainer as wt
+from input_checks import EXIT_BAD_INPUT
 from pretrain_utils import SEQ_LEN, TRAIN_FILE, VALID_FILE, trainer_argv
 
 WIKITEXT_SAMPLE = [
@@ -30,7 +32,7 @@ WIKITEXT_SAMPLE = [
 
 
 def test_wikitext_lines_are_grouped_into_articles():
-    articles = pretrain_data.group_into_articles(WIKITEXT_SAMPLE)
+    articles = list(pretrain_documents.group_into_articles(WIKITEXT_SAMPLE))
     assert len(articles) == 2, "sub-headings (= = x = =) must not start an article"
     first = articles[0].split("\n")
     assert first[0] == "Valkyria Chronicles"
@@ -41,7 +43,7 @@ def test_wikitext_lines_are_grouped_into_articles():
 
 
 def test_blocks_are_cls_text_sep_cut_from_the_joined_articles(tokenizer):
-    articles = pretrain_data.group_into_articles(TRAIN_FILE.read_text().splitlines())
+    articles = list(pretrain_documents.group_into_articles(TRAIN_FILE.read_text().splitlines()))
     blocks = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
     assert len(blocks) > 100
     assert all(
@@ -59,7 +61,7 @@ def test_blocks_are_cls_text_sep_cut_from_the_joined_articles(tokenizer):
 
 
 def test_the_tokenized_cache_is_reused_and_keyed_on_the_data(tmp_path, tokenizer, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="wikitext_trainer")
+    caplog.set_level(logging.INFO, logger="pretrain_data")
     train = tmp_path / "train.txt"
     train.write_text(TRAIN_FILE.read_text())
     args = wt.parse_args(trainer_argv(tmp_path, tmp_path, "--train_file", str(train)))
@@ -162,7 +164,7 @@ def test_bad_input_exits_with_a_message_before_any_model_is_built(
     monkeypatch.setattr(wt, "build_models", must_not_build)
     with pytest.raises(SystemExit) as exit_info:
         wt.main(trainer_argv(tmp_path, vocab_dir, *flags))
-    assert exit_info.value.code == wt.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "run").exists(), "bad input must not leave an output directory"
 
@@ -184,17 +186,19 @@ def test_train_tokenizer_builds_a_vocabulary_and_saves_it_with_the_model(tmp_pat
 
 
 def test_valid_file_is_used_as_given(tmp_path, vocab_dir, tokenizer):
-    articles = pretrain_data.group_into_articles(VALID_FILE.read_text().splitlines())
+    articles = list(pretrain_documents.group_into_articles(VALID_FILE.read_text().splitlines()))
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir, "--example_format", "packed"))
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     expected = pretrain_data.tokenize_into_blocks({"text": articles}, tokenizer, SEQ_LEN)["input_ids"]
-    assert blocks["validation"]["input_ids"].tolist() == expected
+    assert np.asarray(blocks["validation"]["input_ids"]).tolist() == expected
 
     args = wt.parse_args(trainer_argv(tmp_path, vocab_dir))
     blocks = pretrain_data.prepare_blocks(args, tokenizer, pretrain_data.describe_data_source(args))
     indices = list(range(len(articles)))
     expected = pretrain_data.tokenize_into_examples({"text": articles}, indices, tokenizer, SEQ_LEN)
-    assert {name: array.tolist() for name, array in blocks["validation"].items()} == expected
+    assert {name: np.asarray(array).tolist() for name, array in blocks["validation"].items()} == {
+        name: expected[name] for name in ("input_ids", "token_type_ids")
+    }
 
 
 def test_ranks_together_see_the_single_process_global_batches():

@@ -73,21 +73,35 @@ def test_segment_split_follows_electras_rules():
 def test_single_segment_and_short_example_rates(tokenizer):
     """Over many examples: one segment with p 0.1, a target length randint(5, L) with p 0.05."""
     max_length, examples, rng = 64, [], random.Random(1)
-    one_token_sentences = [[7]] * 3000  # every example then holds exactly its target length (then truncated)
+    one_token_sentences = [[7]] * 3000  # every example then holds exactly its target length - 3 tokens
     while len(examples) < 12_000:
-        ids, types = pretrain_data.document_examples(one_token_sentences, max_length, rng, SPECIAL)
+        ids, types, _ = pretrain_data.document_examples(one_token_sentences, max_length, rng, SPECIAL)
         examples += list(zip(ids[:-1], types[:-1], strict=True))  # a document's last example is a remainder
     n = len(examples)
-    single = sum(1 for _, types in examples if 1 not in types) / n
+    pairs = [ids for ids, types in examples if 1 in types]
+    single = 1 - len(pairs) / n
     assert abs(single - pretrain_data.SINGLE_SEGMENT_PROB) < 4 * math.sqrt(0.1 * 0.9 / n), single
-    # A target T gives T tokens + 3 specials (2 with one segment), so an example is short iff T <= L - 4
-    # (T <= L - 3 with one segment): the expected share of short examples is 0.05 x that share of randint.
-    randint_values = max_length - 5 + 1
-    expected = pretrain_data.SHORT_EXAMPLE_PROB * (
-        0.9 * (max_length - 4 - 5 + 1) / randint_values + 0.1 * (max_length - 3 - 5 + 1) / randint_values
-    )
-    short = sum(1 for ids, _ in examples if ids[-1] == SPECIAL["pad"]) / n
-    assert abs(short - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (short, expected)
+    # A two-segment example of target T holds T - 3 tokens and 3 specials: it is short (padded) iff
+    # T <= L - 1, so the expected share is 0.05 x that share of randint(5, L).
+    expected = pretrain_data.SHORT_EXAMPLE_PROB * (max_length - 5) / (max_length - 5 + 1)
+    short = sum(1 for ids in pairs if ids[-1] == SPECIAL["pad"]) / len(pairs)
+    sigma = math.sqrt(expected * (1 - expected) / len(pairs))
+    assert abs(short - expected) < 4 * sigma, (short, expected)
+
+
+def test_every_token_of_a_document_lands_in_its_examples():
+    """ELECTRA's builder drops the part of the last sentence past the example's end; here it starts the next
+    example, so the examples hold every token once, and a sentence longer than an example is spread."""
+    rng = random.Random(3)
+    for trial in range(50):
+        lengths = [rng.randint(1, 90) for _ in range(rng.randint(1, 12))]
+        next_id = iter(range(10, 100_000))
+        sentences = [[next(next_id) for _ in range(length)] for length in lengths]
+        ids, types, kept = pretrain_data.document_examples(sentences, 32, random.Random(trial), SPECIAL)
+        text = [t for row in ids for t in row if t not in SPECIAL.values()]
+        assert sorted(text) == sorted(t for s in sentences for t in s), "every token exactly once"
+        assert sum(kept) == len(text) == sum(lengths)
+        assert all(len(row) == 32 for row in ids)
 
 
 def test_padding_takes_no_part_in_masking_losses_routing_or_metrics(tokenizer):

@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 import run_state
 import wikitext_trainer as wt
 from conftest import write_vocab_dir
-from modeling_electra import ElectraMoEConfig, ElectraMoEModel, upcycle_dense_to_moe
+from input_checks import EXIT_BAD_INPUT
+from modeling_electra import ElectraMoEConfig, ElectraMoEModel
 from pretrain_utils import assert_same_weights, final_weights, read_metrics, trainer_argv
+from upcycling import upcycle_dense_to_moe
 
 # trainer_argv's tiny-model flags describe a fresh model; a continued run takes its shape from the checkpoint.
 SIZE_FLAGS = {"--model_size", "--hidden_size", "--num_hidden_layers", "--num_attention_heads",
@@ -179,7 +181,7 @@ def test_bad_init_flags_exit_2_with_a_message_and_create_nothing(saved, tmp_path
     argv, message = cases[case]
     with pytest.raises(SystemExit) as exit_info:
         wt.main(argv)
-    assert exit_info.value.code == wt.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert message in err and "--init_discriminator_from" in err, err
     assert not (tmp_path / "out").exists()

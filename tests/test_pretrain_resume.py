@@ -88,7 +88,7 @@ def test_a_crash_during_a_save_resumes_from_the_previous_checkpoint(
     assert [step for step, _ in run_state.list_checkpoints(run_dir)] == [3]
 
     monkeypatch.setattr(run_state, "write_trainer_state", write_trainer_state)
-    caplog.set_level("INFO", logger="wikitext_trainer")
+    caplog.set_level("INFO", logger="run_state")
     assert wt.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
     assert "checkpoint-3 at step 3" in caplog.text
     assert not partial.exists(), "the stale temporary checkpoint is cleaned up"

@@ -25,6 +25,8 @@ SCRIPTS_WITH_MAIN = [
         "demo_data/make_demo_data.py",
     )
 ]
+# Benchmarks: the same functions, but they put the repository on sys.path at import (run from bench/).
+BENCH_SCRIPTS = sorted((REPO_ROOT / "bench").glob("*.py"))
 
 
 def read_requirements(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -71,11 +73,25 @@ def test_installed_versions_match_the_pins():
         assert version(name).split("+")[0] == pinned, f"{name}: installed {version(name)}, pinned {pinned}"
 
 
+def check_parser_functions(script: Path) -> ast.Module:
+    text = script.read_text()
+    tree = ast.parse(text)
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {"build_argument_parser", "parse_args", "main"} <= functions, (
+        f"{script.name} needs build_argument_parser(), parse_args(argv) and main(argv=None)"
+    )
+    assert "unittest.mock" not in text and "._actions" not in text, f"{script.name} reaches into argparse"
+    return tree
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda p: p.name)
+def test_benchmarks_have_build_argument_parser_parse_args_and_main(script):
+    check_parser_functions(script)
+
+
 @pytest.mark.parametrize("script", SCRIPTS_WITH_MAIN, ids=lambda p: p.name)
 def test_scripts_have_parse_args_and_main_and_do_nothing_on_import(script):
-    tree = ast.parse(script.read_text())
-    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    assert {"parse_args", "main"} <= functions, f"{script.name} needs parse_args(argv) and main(argv=None)"
+    tree = check_parser_functions(script)
     allowed = (
         ast.Import,
         ast.ImportFrom,

@@ -158,6 +158,16 @@ def test_pretrainer_default_array_has_eight_configurations_with_expert_choice_la
                              script.read_text()), script.name  # fmt: skip
 
 
+def test_pretrainer_passes_the_scaling_flags_through():
+    """--sharding fsdp, --gradient_checkpointing and --compile reach the trainer unchanged (the multi-node
+    launch with them: test_multi_node_launch_command)."""
+    env = {"PYTHON": sys.executable, "REPO_DIR": str(REPO_ROOT), "DRY_RUN": "1", "SLURM_ARRAY_TASK_ID": "5"}
+    scaling = ["--sharding", "fsdp", "--gradient_checkpointing", "--compile"]
+    done = run_script(PRETRAIN_SCRIPT, env, "--model_size", "tiny", *scaling)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split()[-4:] == scaling
+
+
 def test_pretrainer_continues_from_a_saved_model(tmp_path):
     """CONFIGS entry from=DIR: --init_discriminator_from DIR with its tokenizer, and no architecture flags
     (they would contradict the checkpoint); the entries beside it keep theirs."""
@@ -239,11 +249,16 @@ def test_multi_node_launch_command(slurm_cluster):
            "SLURM_JOB_ID": str(job_id), "SLURM_ARRAY_JOB_ID": "123450", "SLURM_ARRAY_TASK_ID": "6",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "4",
            "SLURM_CPUS_PER_TASK": "32"}  # fmt: skip
+    scaling = ["--sharding", "fsdp", "--gradient_checkpointing"]
     done = subprocess.run(
-        ["bash", str(PRETRAIN_SCRIPT), "--model_size", "small"], env=env, capture_output=True, text=True
+        ["bash", str(PRETRAIN_SCRIPT), "--model_size", "small", *scaling],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     command = done.stdout.splitlines()[-1]
+    assert command.endswith(" ".join(scaling))
     assert command.startswith("+ srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 ")
     port = 20000 + job_id % 20000
     for part in ("-m torch.distributed.run --nnodes=2 --nproc_per_node=4", f"--rdzv_endpoint=gpu07:{port}",

@@ -32,6 +32,15 @@ def test_to_flags():
     assert flags == ["--num_experts", "4", "--generator_moe", "--task_name", "rte", "wnli"]
 
 
+@pytest.mark.parametrize("script", ["wikitext_trainer.py", "run_glue.py", "convert_bert_checkpoint.py"])
+def test_script_flags_are_every_long_option_of_the_scripts_parser(script, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # narrow help: long invocations get their help on the next line
+    parser = __import__(script[:-3]).build_argument_parser()
+    expected = {o[2:] for action in parser._actions for o in action.option_strings if o.startswith("--")}
+    assert run_study.script_flags(script) == expected
+    assert {"help", "seed", "dataset_subname"} & expected <= run_study.script_flags(script)
+
+
 def test_bad_data_and_config_are_refused(tmp_path, capsys):
     with pytest.raises(run_study.ConfigError, match="wikitext-2"):
         run_study.resolve_data(str(tmp_path))
