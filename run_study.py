@@ -454,6 +454,7 @@ def execute_notebook(
     figure_dir: Path,
     executed: Path,
     baseline: str | None = None,
+    kernel_log: Path | None = None,
 ):
     """Execute the results notebook headless with its parameter cell set to this study's paths.
 
@@ -478,7 +479,11 @@ def execute_notebook(
         resources={"metadata": {"path": str(REPO_ROOT)}},
     )
     try:
-        client.execute()
+        if kernel_log is None:
+            client.execute()
+        else:  # the kernel's own messages (e.g. jupyter's transport warning) go to the log, not the console
+            with kernel_log.open("ab") as log:
+                client.execute(stderr=log)
     finally:
         nbformat.write(notebook, executed)
     return notebook
@@ -673,7 +678,14 @@ def report_stages(
     print("stage notebook ...", end=" ", flush=True)
     executed = output_dir / "glue_evaluation_results_visualizer.executed.ipynb"
     try:
-        execute_notebook(glue_root / "glue_results_summary.csv", curves_dir, figure_dir, executed, baseline)
+        execute_notebook(
+            glue_root / "glue_results_summary.csv",
+            curves_dir,
+            figure_dir,
+            executed,
+            baseline,
+            kernel_log=output_dir / "logs" / "notebook.log",
+        )
     except Exception as error:
         print("failed", flush=True)
         raise StageError(
@@ -764,11 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     gather_log = output_dir / "logs" / "gather.log"  # the results table gather printed
-    table = (
-        [line for line in gather_log.read_text().splitlines() if line.startswith("|")]
-        if gather_log.is_file()
-        else []
-    )
+    lines = gather_log.read_text().splitlines() if gather_log.is_file() else []
+    table = [line for line in lines if line.startswith(("|", "**"))]
     print("\n" + "\n".join(table))
     print(f"\nstudy '{args.config.stem}' finished in {(time.time() - start) / 60:.1f} min")
     print(f"  results table: {glue_root / 'glue_results_summary.csv'} (long form: glue_results_long.csv)")

@@ -109,7 +109,7 @@ def save(fig, name):
     _drawn[name] = [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
     _save(fig, name)
 """
-PRINT_TEXTS = "print('DRAWN=' + json.dumps(_drawn))"
+PRINT_TEXTS = "import json\nprint('DRAWN=' + json.dumps(_drawn))"
 
 
 @pytest.mark.slow
