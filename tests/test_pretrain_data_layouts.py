@@ -11,6 +11,7 @@ import torch
 import pretrain_data
 import pretrain_documents
 import wikitext_trainer as wt
+from input_checks import EXIT_BAD_INPUT
 from pretrain_utils import SEQ_LEN, trainer_argv
 
 # Three documents with disjoint words, two sentences each (a sentence ends at " ."/"!").
@@ -118,7 +119,7 @@ def test_mixed_file_kinds_are_a_usage_error(tmp_path, vocab_dir, capsys):
     )
     with pytest.raises(SystemExit) as exit_info:
         wt.main(argv)
-    assert exit_info.value.code == wt.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == EXIT_BAD_INPUT
     assert "--train_file mixes file kinds" in capsys.readouterr().err
 
 
