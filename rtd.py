@@ -255,7 +255,8 @@ class ElectraPretrainingModel(nn.Module):
         gen_hidden = self.generator.generator_predictions(gen_out.last_hidden_state[is_masked])
         gen_logits = self.generator.generator_lm_head(gen_hidden).float()
         targets = input_ids[is_masked]
-        gen_loss = F.cross_entropy(gen_logits, targets) if targets.numel() else gen_logits.sum() * 0.0
+        gen_loss_sum = F.cross_entropy(gen_logits, targets, reduction="sum")
+        gen_loss = gen_loss_sum / max(targets.numel(), 1)
 
         # 3. Replace: sample from the generator (no gradient flows back through the sample).
         with torch.no_grad():
@@ -267,12 +268,22 @@ class ElectraPretrainingModel(nn.Module):
         disc_out = self.discriminator(disc_input, attention_mask, token_type_ids)
         disc_logits = disc_out.logits[active].float()
         disc_labels = labels[active].float()
-        disc_loss = F.binary_cross_entropy_with_logits(disc_logits, disc_labels)
+        disc_loss_sum = F.binary_cross_entropy_with_logits(disc_logits, disc_labels, reduction="sum")
+        disc_loss = disc_loss_sum / max(disc_labels.numel(), 1)
 
         # 5. Combine. Each model's router loss is weighted like its own task loss, so router_aux_loss_coef
         # keeps the meaning it has in Switch Transformer (relative to the task loss) despite RTD's weight 50.
         router_loss = self.gen_weight * gen_out.router_loss + self.disc_weight * disc_out.router_loss
         loss = self.gen_weight * gen_loss + self.disc_weight * disc_loss + router_loss
+        # The same loss as sums over masked positions and over real tokens (z-loss: a mean over real tokens)
+        # plus a per-process remainder, so `data_parallel_loss` can normalise over the whole global batch.
+        z_loss = self.gen_weight * self._z_coef(self.generator) * gen_out.z_loss
+        z_loss = z_loss + self.disc_weight * self._z_coef(self.discriminator) * disc_out.z_loss
+        loss_terms = {
+            "loss_terms/masked_sum": self.gen_weight * gen_loss_sum,
+            "loss_terms/token_sum": self.disc_weight * disc_loss_sum + z_loss * disc_labels.numel(),
+            "loss_terms/per_process": router_loss - z_loss,
+        }
         stats = rtd_statistics(
             loss,
             gen_loss,
@@ -285,7 +296,34 @@ class ElectraPretrainingModel(nn.Module):
             disc_logits,
             disc_labels,
         )
-        return {"loss": loss, **{f"stats/{name}": value for name, value in stats.items()}}
+        stats |= {"gen_loss_sum": gen_loss_sum.detach(), "disc_loss_sum": disc_loss_sum.detach()}
+        stats |= {name[len("loss_terms/") :]: value.detach() for name, value in loss_terms.items()}
+        stats["router_z_loss_sum"] = z_loss.detach() * disc_labels.numel()
+        return {"loss": loss, **loss_terms, **{f"stats/{name}": value for name, value in stats.items()}}
+
+    @staticmethod
+    def _z_coef(model: nn.Module) -> float:
+        return float(getattr(model.config, "router_z_loss_coef", 0.0))
+
+
+def data_parallel_loss(outputs: dict[str, torch.Tensor], accelerator: Any) -> torch.Tensor:
+    """The loss to back-propagate on this process so that the gradients data parallelism averages over the
+    processes equal one process's on the whole global batch.
+
+    Each process's micro-batch has its own number of real tokens and masked positions (examples vary in
+    length), so the mean of per-process means is not the global batch's mean: the MLM and RTD losses and the
+    router z-loss are divided by the counts summed over processes instead (and scaled by the number of
+    processes, which the gradient averaging divides out). The Switch load-balancing loss, a product of two
+    means over a process's own tokens, stays per process. Micro-batches of one gradient accumulation are
+    still averaged with equal weights (accelerate divides each by their number).
+    """
+    processes = accelerator.num_processes
+    if processes == 1:
+        return outputs["loss"]
+    counts = torch.stack([outputs["stats/masked"], outputs["stats/tokens"]])
+    masked, tokens = accelerator.reduce(counts, reduction="sum").clamp(min=1.0).unbind()
+    shared = outputs["loss_terms/masked_sum"] / masked + outputs["loss_terms/token_sum"] / tokens
+    return processes * shared + outputs["loss_terms/per_process"]
 
 
 @torch.no_grad()
@@ -355,11 +393,16 @@ class MetricWindow:
             sums[k].item() for k in ("replaced", "predicted_replaced", "true_positives")
         )
         tokens = sums["tokens"].item()
+        # Losses are means over the window's masked positions / real tokens on all processes, not means of
+        # per-batch means (which would depend on how examples are split into batches and processes); only
+        # the Switch load-balancing part of the router loss is a mean of per-batch values.
+        masked, real = max(sums["masked"].item(), 1.0), max(tokens, 1.0)
+        per_process = mean["per_process"].item()
         metrics: dict[str, Any] = {
-            "loss": mean["loss"].item(),
-            "gen_loss": mean["gen_loss"].item(),
-            "disc_loss": mean["disc_loss"].item(),
-            "router_loss": mean["router_loss"].item(),
+            "loss": sums["masked_sum"].item() / masked + sums["token_sum"].item() / real + per_process,
+            "gen_loss": sums["gen_loss_sum"].item() / masked,
+            "disc_loss": sums["disc_loss_sum"].item() / real,
+            "router_loss": sums["router_z_loss_sum"].item() / real + per_process,
             "gen_accuracy": sums["gen_correct"].item() / max(sums["masked"].item(), 1.0),
             "disc_accuracy": sums["disc_correct"].item() / max(tokens, 1.0),
             # Replaced-token F1 (positive class: replaced); 0 when nothing is predicted or replaced.

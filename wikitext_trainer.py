@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import distributed
+import rtd
 from init_checkpoint import check_init_vocabulary, init_flags_error
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
 from modeling_electra_config import MOE_FIELDS, ignored_settings_error
@@ -519,7 +520,7 @@ def train_step(
     """
     with accelerator.accumulate(run.model):
         outputs = run.model(**{name: tensor.to(accelerator.device) for name, tensor in batch.items()})
-        accelerator.backward(outputs["loss"])
+        accelerator.backward(rtd.data_parallel_loss(outputs, accelerator))
         if not accelerator.sync_gradients:
             return outputs, None
         grad_norm = distributed.clip_grad_norm(accelerator, run.model, max_grad_norm)

@@ -107,6 +107,51 @@ def test_keyed_forward_sums_over_split_batches_to_the_whole_batch(tokenizer):
     assert torch.equal(whole["loss"], again["loss"])  # deterministic: no global generator involved
 
 
+class TwoProcesses:
+    """Stands in for accelerate on one of two processes: `reduce` sums over both halves' counts."""
+
+    num_processes = 2
+
+    def __init__(self, global_counts: torch.Tensor):
+        self.global_counts = global_counts
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum" and tensor.shape == self.global_counts.shape
+        return self.global_counts
+
+
+def test_data_parallel_loss_averages_to_the_whole_batch_gradient_when_halves_differ_in_length(tokenizer):
+    """Halves with different numbers of real tokens and masked positions: the average of the two processes'
+    `data_parallel_loss` gradients (what DDP applies) is the whole batch's gradient, MLM, RTD and router
+    z-loss included. Averaging the per-half mean losses instead is off (the test checks it would fail)."""
+    torch.manual_seed(0)
+    generator, discriminator = tiny_pair(tokenizer, num_experts=4)
+    discriminator.config.router_aux_loss_coef = 0.0  # Switch's loss is a per-process product of means
+    model = rtd.ElectraPretrainingModel(generator, discriminator, tokenizer).eval()
+    ids, attention = padded_batch(tokenizer, seed=4)
+    ids, attention = ids[:8], attention[:8]
+    keys = rtd.example_keys(42, 9, torch.arange(8) * 13)
+    halves = (slice(0, 4), slice(4, 8))
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = model(ids, attention, example_keys=keys)
+    assert whole["stats/z_loss"] > 0
+    outputs = [model(ids[h], attention[h], example_keys=keys[h]) for h in halves]
+    counts = [torch.stack([out["stats/masked"], out["stats/tokens"]]) for out in outputs]
+    assert not torch.equal(counts[0], counts[1]), "the halves must differ in length for this test"
+    accelerator = TwoProcesses(counts[0] + counts[1])
+    expected = gradient(whole["loss"])
+    averaged = sum(gradient(rtd.data_parallel_loss(out, accelerator)) for out in outputs) / 2
+    torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-6)
+    outputs = [model(ids[h], attention[h], example_keys=keys[h]) for h in halves]
+    naive = sum(gradient(out["loss"]) for out in outputs) / 2
+    assert not torch.allclose(naive, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_keyed_rng_benchmark_runs(capsys):
     from bench import bench_keyed_rng
 
