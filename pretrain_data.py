@@ -1,5 +1,5 @@
 """Pretraining data: files -> documents -> sentences -> examples -> cached token blocks, the tokenizer,
-the memory-mapped reader and the data order.
+the memory-mapped reader, the data order and the optimizer steps it makes (`count_steps`).
 
 `pretrain_documents.py` turns any layout into documents (`--document_format`) and documents into sentences.
 `--example_format electra` (the default) builds ELECTRA's examples from each document's sentences
@@ -24,6 +24,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -618,3 +619,41 @@ def epoch_batches(
     per_rank = num_examples // world_size
     shard = order[: per_rank * world_size][rank::world_size]
     return [shard[i : i + batch_size] for i in range(0, per_rank - batch_size + 1, batch_size)]
+
+
+@dataclass
+class PretrainingData:
+    tokenizer: Any
+    train_blocks: dict[str, MappedColumn]  # input_ids (and token_type_ids), [examples, max_seq_length]
+    valid_blocks: dict[str, MappedColumn]
+    steps_per_epoch: int
+    micro_batches_per_epoch: int  # per process
+    total_steps: int
+    data_stats: dict[str, Any] = field(default_factory=dict)  # data_stats.json, copied into the run folder
+
+
+def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, blocks: dict) -> PretrainingData:
+    """Optimizer steps per epoch and in all, from the blocks, the batch size and the number of processes."""
+    train_blocks = blocks["train"]
+    valid_blocks = {name: array[: args.max_eval_blocks] for name, array in blocks["validation"].items()}
+    num_train, num_valid = num_examples(train_blocks), num_examples(valid_blocks)
+    processes = accelerator.num_processes
+    micro_batches = len(epoch_batches(num_train, args.batch_size, 0, args.seed, 0, processes))
+    steps_per_epoch = micro_batches // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"{num_train} training blocks are fewer than one optimizer step needs "
+            f"(--batch_size {args.batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps} "
+            f"x {processes} processes)"
+        )
+    if num_valid < processes:
+        raise InputError(f"{num_valid} validation blocks cannot be shared by {processes} processes")
+    return PretrainingData(
+        tokenizer=tokenizer,
+        train_blocks=train_blocks,
+        valid_blocks=valid_blocks,
+        steps_per_epoch=steps_per_epoch,
+        micro_batches_per_epoch=steps_per_epoch * args.gradient_accumulation_steps,
+        total_steps=args.max_training_steps or args.num_epochs * steps_per_epoch,
+        data_stats=blocks["data_stats"],
+    )

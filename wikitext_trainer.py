@@ -27,11 +27,12 @@ from torch import nn
 
 import distributed
 import rtd
-from init_checkpoint import check_init_vocabulary, init_flags_error
-from input_checks import EXIT_BAD_INPUT, TOKENIZER_FIX, check_tokenizer_path, check_utf8, check_writable
-from modeling_electra_config import MOE_FIELDS, ignored_settings_error
+from init_checkpoint import check_init_vocabulary
+from input_checks import EXIT_BAD_INPUT
+from modeling_electra_config import MOE_FIELDS
 from optimization import ADAM_BETAS, ADAM_EPSILON, SCHEDULES, make_schedule, optimizer_parameter_groups
 from outputs import write_json_atomically
+from pretrain_args import check_paths, check_pretraining_flags, default_run_name
 from pretrain_data import (
     DATA_STATS_FILE,
     DEFAULT_DATASET_CONFIG,
@@ -42,10 +43,10 @@ from pretrain_data import (
     MAX_PREPROCESSING_WORKERS,
     MAX_SEQ_LENGTH,
     VALIDATION_SPLIT_PERCENTAGE,
-    WORDPIECE_SPECIAL_TOKENS,
     InputError,
-    MappedColumn,
+    PretrainingData,
     batch_tensors,
+    count_steps,
     describe_data_source,
     epoch_batches,
     expand_file_patterns,
@@ -54,7 +55,7 @@ from pretrain_data import (
     prepare_blocks,
 )
 from pretrain_documents import DOCUMENT_FORMATS
-from pretrain_models import build_model_configs, build_models, model_shape_error
+from pretrain_models import build_model_configs, build_models
 from provenance import write_provenance
 from rtd import DISC_WEIGHT, GEN_WEIGHT, ElectraPretrainingModel, MetricWindow, example_keys
 from run_state import (
@@ -98,7 +99,6 @@ SAVE_STEPS = 1000
 SAVE_TOTAL_LIMIT = 3
 # The modules that log for this script, each under its own name (the log format shows it).
 LIBRARY_LOGGERS = ("pretrain_data", "pretrain_models", "run_state", "outputs")
-MIN_SEQ_LENGTH = 16  # [CLS], [SEP] and room for ELECTRA's masking (int((0.15 + 0.005) x 16) = 2 tokens)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -106,7 +106,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Arguments
+# Arguments (their checks: pretrain_args.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -274,41 +274,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the flags; fill the defaults that depend on other flags."""
+    """Parse and check the flags (pretrain_args.py); fill the defaults that depend on other flags."""
     from modeling_electra_config import ELECTRA_PRETRAINING
 
     parser = build_argument_parser()
     args = parser.parse_args(argv)
-    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps"]
-    positive += ["eval_steps", "save_steps", "save_total_limit", "preprocessing_num_workers"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_training_steps", "max_eval_blocks"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.mask_prob is not None and not 0 < args.mask_prob < 1:
-        parser.error(f"--mask_prob must lie in (0, 1), got {args.mask_prob}")
-    if args.warmup_steps < 0 or args.weight_decay < 0 or args.max_grad_norm <= 0:
-        parser.error("--warmup_steps and --weight_decay must be >= 0, --max_grad_norm > 0")
-    if args.train_tokenizer is not None and args.train_tokenizer < len(WORDPIECE_SPECIAL_TOKENS) + 1:
-        parser.error("--train_tokenizer needs a vocabulary size larger than the special tokens")
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        parser.error(
-            "--overwrite_output_dir starts over; it cannot be combined with --resume_from_checkpoint"
-        )
-    if args.validation_file and not args.train_file:
-        parser.error("--validation_file needs --train_file")
-    if not 0 < args.validation_split_percentage < 100:
-        parser.error("--validation_split_percentage must lie in (0, 100)")
-    problem = (
-        run_values_error(parser, args)
-        or init_flags_error(parser, args)
-        or model_shape_error(args)
-        or distributed.scaling_flags_error(args)
-    )
-    if problem:
-        parser.error(problem)
+    check_pretraining_flags(parser, args)
     if args.model_save_name is None:
         args.model_save_name = default_run_name(args)
     if args.data_cache_dir is None:
@@ -321,75 +292,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_run_name(args: argparse.Namespace) -> str:
-    """`electra-small` for the dense baseline, `electra-small-moe8-top2` for an MoE model,
-    `electra-small-moe8-ec` with expert-choice routing (which ignores top_k); `<DIR name>-continued` when
-    continuing from --init_discriminator_from DIR."""
-    if args.init_discriminator_from:
-        return f"{Path(args.init_discriminator_from).resolve().name}-continued"
-    name = f"electra-{args.model_size}"
-    if args.num_experts == 1:
-        return name
-    routing = "ec" if args.router_type == "expert_choice" else f"top{args.top_k}"
-    return f"{name}-moe{args.num_experts}-{routing}"
-
-
 def fail(message: str) -> NoReturn:
     """Stop with a one-line message saying what to fix, exit status 2 like argparse."""
     print(f"wikitext_trainer.py: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-def run_values_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """Values that would run but mislead: a negative learning rate, blocks too short to mask, fp16 on the
-    CPU, MoE flags the chosen layout or router ignores (refused, not stored in the config)."""
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        return f"--learning_rate {args.learning_rate} must be > 0"
-    if args.max_seq_length < MIN_SEQ_LENGTH:
-        return (
-            f"--max_seq_length {args.max_seq_length} is too short: a block needs [CLS], [SEP] and enough "
-            f"tokens to mask (--mask_prob {args.mask_prob}); pass {MIN_SEQ_LENGTH} or more"
-        )
-    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
-        return "--mixed_precision fp16 needs a CUDA device; on the CPU pass --mixed_precision no or bf16"
-    if args.init_discriminator_from:  # the checkpoint's layout: init_flags_error checks these flags
-        return None
-    given = {
-        name: getattr(args, name) for name in MOE_FIELDS if getattr(args, name) != parser.get_default(name)
-    }
-    return ignored_settings_error(given, args.num_experts, args.router_type)
-
-
-def check_paths(args: argparse.Namespace) -> None:
-    """Output folders writable, tokenizer and text files readable: each problem named by its flag."""
-    check_writable(Path(args.model_save_directory), "--model_save_directory")
-    check_writable(Path(args.data_cache_dir), "--data_cache_dir")
-    if args.train_tokenizer is None:
-        check_tokenizer_path(args.tokenizer_name, fix=f"{TOKENIZER_FIX}, or --train_tokenizer")
-    for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-        for path in paths or []:
-            if os.path.isdir(path):
-                raise InputError(
-                    f"{flag} {path} is a folder; pass text files (or a glob) or json/csv/parquet files"
-                )
-            if Path(path).suffix.lower() != ".parquet" and os.path.isfile(path):
-                check_utf8(Path(path), flag)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Data: the tokenizer, the cached token blocks and the number of steps (pretrain_data.py does the work)
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PretrainingData:
-    tokenizer: Any
-    train_blocks: dict[str, MappedColumn]  # input_ids (and token_type_ids), [examples, max_seq_length]
-    valid_blocks: dict[str, MappedColumn]
-    steps_per_epoch: int
-    micro_batches_per_epoch: int  # per process
-    total_steps: int
-    data_stats: dict[str, Any] = field(default_factory=dict)  # data_stats.json, copied into the run folder
 
 
 def prepare_inputs(
@@ -421,33 +332,6 @@ def prepare_inputs(
             data.total_steps,
         )
     return data, disc_config, gen_config, checkpoint
-
-
-def count_steps(args: argparse.Namespace, accelerator: Any, tokenizer: Any, blocks: dict) -> PretrainingData:
-    """Optimizer steps per epoch and in all, from the blocks, the batch size and the number of processes."""
-    train_blocks = blocks["train"]
-    valid_blocks = {name: array[: args.max_eval_blocks] for name, array in blocks["validation"].items()}
-    num_train, num_valid = num_examples(train_blocks), num_examples(valid_blocks)
-    processes = accelerator.num_processes
-    micro_batches = len(epoch_batches(num_train, args.batch_size, 0, args.seed, 0, processes))
-    steps_per_epoch = micro_batches // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"{num_train} training blocks are fewer than one optimizer step needs "
-            f"(--batch_size {args.batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps} "
-            f"x {processes} processes)"
-        )
-    if num_valid < processes:
-        raise InputError(f"{num_valid} validation blocks cannot be shared by {processes} processes")
-    return PretrainingData(
-        tokenizer=tokenizer,
-        train_blocks=train_blocks,
-        valid_blocks=valid_blocks,
-        steps_per_epoch=steps_per_epoch,
-        micro_batches_per_epoch=steps_per_epoch * args.gradient_accumulation_steps,
-        total_steps=args.max_training_steps or args.num_epochs * steps_per_epoch,
-        data_stats=blocks["data_stats"],
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class Check:
 
 
 def flags(options: dict[str, Any]) -> list[str]:
-    from run_study import to_flags
+    from study_config import to_flags
 
     return to_flags(options)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_study
+import study_config
 from bench import fixed_eval_report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +73,8 @@ def test_study_builds_the_fixed_set_first_and_pairs_every_arm_by_seed(tmp_path, 
 def test_a_fixed_eval_reference_must_be_a_pretrain_model():
     study = json.loads(CONFIG.read_text())
     study["fixed_eval"]["reference"] = "minilm-dense"
-    with pytest.raises(run_study.ConfigError, match="fixed_eval.reference"):
-        run_study.validate_study(study, check_flag_names=False)
+    with pytest.raises(study_config.ConfigError, match="fixed_eval.reference"):
+        study_config.validate_study(study, check_flag_names=False)
 
 
 def write_run(root, name, aucs, spread=None):

@@ -163,17 +163,18 @@ def test_notebook_draws_glue_score_against_pretraining_step_and_flops(tmp_path):
 
 def test_study_configs_name_the_checkpoints_to_fine_tune():
     import run_study
+    import study_config
 
     glue = {"models": ["dense", "moe"], "random_init_baselines": ["dense"], "checkpoint_steps": [100, 200]}
-    runs = run_study.glue_runs(glue, ["dense", "moe"])
+    runs = study_config.glue_runs(glue, ["dense", "moe"])
     assert [(label, step) for label, _, _, step in runs if step] == [
         ("dense_step100", 100), ("dense_step200", 200), ("moe_step100", 100), ("moe_step200", 200),
     ]  # fmt: skip
     demo = json.loads((Path(run_study.__file__).parent / "study_configs" / "demo.json").read_text())
-    run_study.validate_study(demo, check_flag_names=False)
+    study_config.validate_study(demo, check_flag_names=False)
     common = demo["pretrain"]["common"]
     kept = range(common["max_training_steps"], 0, -common["save_steps"])[: common["save_total_limit"]]
     assert set(demo["glue"]["checkpoint_steps"]) <= set(kept), "the demo keeps the checkpoints it fine-tunes"
     demo["glue"]["checkpoint_steps"] = [150]
-    with pytest.raises(run_study.ConfigError, match="not multiples of pretrain.common.save_steps"):
-        run_study.validate_study(demo, check_flag_names=False)
+    with pytest.raises(study_config.ConfigError, match="not multiples of pretrain.common.save_steps"):
+        study_config.validate_study(demo, check_flag_names=False)

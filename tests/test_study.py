@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import run_study
+import study_config
 from conftest import REPO_ROOT
 
 DEMO_DATA = REPO_ROOT / "demo_data"
@@ -20,7 +21,7 @@ DEMO_SAMPLE_MAX_BYTES = 600_000
 
 
 def test_to_flags():
-    flags = run_study.to_flags(
+    flags = study_config.to_flags(
         {
             "num_experts": 4,
             "generator_moe": True,
@@ -37,12 +38,12 @@ def test_script_flags_are_every_long_option_of_the_scripts_parser(script, monkey
     monkeypatch.setenv("COLUMNS", "60")  # narrow help: long invocations get their help on the next line
     parser = __import__(script[:-3]).build_argument_parser()
     expected = {o[2:] for action in parser._actions for o in action.option_strings if o.startswith("--")}
-    assert run_study.script_flags(script) == expected
-    assert {"help", "seed", "dataset_subname"} & expected <= run_study.script_flags(script)
+    assert study_config.script_flags(script) == expected
+    assert {"help", "seed", "dataset_subname"} & expected <= study_config.script_flags(script)
 
 
 def test_bad_data_and_config_are_refused(tmp_path, capsys):
-    with pytest.raises(run_study.ConfigError, match="wikitext-2"):
+    with pytest.raises(study_config.ConfigError, match="wikitext-2"):
         run_study.resolve_data(str(tmp_path))
     assert run_study.main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -210,14 +211,14 @@ def test_flags_are_checked_against_the_scripts_they_go_to(tmp_path, capsys):
         for part in section:
             node = node[part]
         node[key] = 1
-        with pytest.raises(run_study.ConfigError) as error:
-            run_study.validate_study(study)
+        with pytest.raises(study_config.ConfigError) as error:
+            study_config.validate_study(study)
         assert (
             str(error.value)
             == f"'{'.'.join(section)}.{key}' is not a flag of {script} (did you mean '{hint}'?)"
         )
     for name in ("demo", "mini_study", "transfer", "upcycle", "upcycle_select"):
-        run_study.validate_study(json.loads((REPO_ROOT / "study_configs" / f"{name}.json").read_text()))
+        study_config.validate_study(json.loads((REPO_ROOT / "study_configs" / f"{name}.json").read_text()))
 
 
 def test_demo_sample_pretraining_text_covers_the_glue_vocabulary():
