@@ -23,10 +23,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-# `make test` runs two pytest-xdist workers with `--dist loadfile`: each module's tests stay on one worker, so a
+# `make test` runs three pytest-xdist workers (Makefile's TEST_WORKERS) with `--dist loadfile`: each module's tests stay on one worker, so a
 # module- or session-scoped fixture (a finished run, a Slurm cluster) is built once. (`--dist loadgroup` would
 # let the slowest tests run apart, but pytest-xdist 3.8 cannot rename pytest 9's test ids, so it groups
-# nothing.) Each worker schedules the slowest modules first, so that the two finish at about the same time.
+# nothing.) Each worker schedules the slowest modules first, so that the workers finish at about the same time.
 SLOWEST_MODULES = ("test_study.py", "test_slurm.py", "test_gpu_check.py", "test_distributed.py")
 
 
