@@ -446,7 +446,7 @@ def run_task(
     run_name = f"{model_name}/{task_name}/seed_{seed}"
     training_args = run_training_arguments(args, hyper, run_dir, seed, run_name)
     trainer = build_trainer(args, hyper, task, model, tokenizer, encoded.get("train"), training_args, stop)
-    with wandb_run(run_dir, training_args.report_to):
+    with wandb_run(run_dir, training_args.report_to, run_name, training_args.process_index == 0):
         if training.do_train:
             train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             if stop.signal is None and trainer.state.global_step == 0:

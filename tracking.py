@@ -69,25 +69,23 @@ def start_trackers(accelerator: Any, report_to: str, run_dir: Path, run_name: st
 
 
 @contextmanager
-def wandb_run(run_dir: Path, report_to: list[str]) -> Iterator[None]:
-    """For the transformers Trainer's W&B callback: the run folder's run id (WANDB_RUN_ID, WANDB_RESUME=allow)
-    while the block runs, and the W&B run finished after it, so that the next (task, seed) starts its own."""
-    if "wandb" not in report_to:
+def wandb_run(
+    run_dir: Path, report_to: list[str], run_name: str | None, main_process: bool = True
+) -> Iterator[None]:
+    """For the transformers Trainer's W&B callback: the W&B run of the run folder's run id (resumed after a
+    requeue, its files under `<run_dir>/wandb/`) started before the block, so that the callback logs to it,
+    and finished after it, so that the next (task, seed) starts its own. The run is started with explicit
+    arguments, not WANDB_RUN_ID / WANDB_DIR: wandb reads the environment once a process (at its first
+    setup), so a second run in the same process would otherwise get a fresh id in the first run's folder."""
+    if "wandb" not in report_to or not main_process:
         yield
         return
-    settings = {"WANDB_RUN_ID": wandb_run_id(run_dir), "WANDB_RESUME": "allow", "WANDB_DIR": str(run_dir)}
-    settings.setdefault("WANDB_PROJECT", os.environ.get("WANDB_PROJECT", WANDB_PROJECT))
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
+    import wandb
+
+    project = os.environ.get("WANDB_PROJECT", WANDB_PROJECT)
+    wandb.init(project=project, id=wandb_run_id(run_dir), resume="allow", dir=str(run_dir), name=run_name)
     try:
         yield
     finally:
-        import wandb
-
         if wandb.run is not None:
             wandb.finish()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
