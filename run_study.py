@@ -327,8 +327,8 @@ def report_stages(
 
 # What a committed results folder keeps of a study (small JSON/CSV files, no weights): enough for
 # gather_glue_results.py and the notebook to recompute every table and figure.
-GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json")
-PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json")
+GLUE_RUN_FILES = ("eval_results.json", "run_config.json", "config.json", "provenance.json")
+PRETRAIN_RUN_FILES = ("metrics.jsonl", "training_args.json", "data_stats.json", "provenance.json")
 
 
 def copy_results(output_dir: Path, results_dir: Path, provenance: dict[str, Any]) -> None:
