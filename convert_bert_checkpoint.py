@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, BertConfig
 
 from input_checks import EXIT_BAD_INPUT, TOKENIZER_FILES, InputError, check_writable, holds_files
 from modeling_electra import ElectraMoEConfig, ElectraMoEModel
-from modeling_electra_config import add_hyperparameter_flags, ignored_settings_error
+from modeling_electra_config import add_hyperparameter_flags, check_moe_settings, ignored_settings_error
 from outputs import write_atomically
 from upcycling import DEFAULT_DROP_RATIO, UPCYCLE_METHODS, upcycle_dense_to_moe
 
@@ -187,7 +187,7 @@ def check_moe_flags(args: argparse.Namespace) -> None:
     if problem:
         raise InputError(problem)
     try:  # the config's own checks (num_experts >= 1, top_k <= num_experts, capacity_factor > 0, ...)
-        ElectraMoEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, **moe)
+        check_moe_settings(moe)
     except ValueError as error:
         raise InputError(f"bad MoE flags: {error}") from None
 

@@ -243,46 +243,13 @@ class ElectraMoEConfig(ElectraConfig):
         super().__post_init__(**kwargs)
 
     def _validate_moe(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k!r}"
-            )
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
-        if self.expert_choice_scope not in EXPERT_CHOICE_SCOPES:
-            raise ValueError(
-                f"expert_choice_scope must be one of {EXPERT_CHOICE_SCOPES}, got {self.expert_choice_scope!r}"
-            )
-        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
-            )
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(
                 f"classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}"
             )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(
-                f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}"
-            )
-        if not isinstance(self.moe_layer_frequency, int) or self.moe_layer_frequency < 1:
-            raise ValueError(f"moe_layer_frequency must be an integer >= 1, got {self.moe_layer_frequency!r}")
-        if self.expert_intermediate_size < 1:
-            raise ValueError(f"expert_intermediate_size must be >= 1, got {self.expert_intermediate_size!r}")
-        if self.router_jitter_noise < 0:
-            raise ValueError(f"router_jitter_noise must be >= 0, got {self.router_jitter_noise!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.moe_layers is not None:
-            bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
-            if bad:
-                raise ValueError(
-                    f"moe_layers indices must lie in [0, {self.num_hidden_layers - 1}] "
-                    f"(num_hidden_layers={self.num_hidden_layers}), got {bad}"
-                )
+        check_moe_settings(
+            {f.name: getattr(self, f.name) for f in hyperparameter_fields()}, self.num_hidden_layers
+        )
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -314,6 +281,40 @@ def hyperparameter_fields(kind: str | None = None) -> tuple[Field, ...]:
     return tuple(
         f for f in fields(ElectraMoEConfig) if "kind" in f.metadata and kind in (None, f.metadata["kind"])
     )
+
+
+def check_moe_settings(values: dict[str, Any], num_hidden_layers: int | None = None) -> None:
+    """ElectraMoEConfig's checks of its MoE hyperparameters (a ValueError names the first bad one). The config
+    runs them on itself; the converter and run_study run them on flag values before anything is read or built.
+    `values` maps declared names to values (missing names take their declared defaults)."""
+    v = {f.name: f.default for f in hyperparameter_fields()} | values
+    if not isinstance(v["num_experts"], int) or isinstance(v["num_experts"], bool) or v["num_experts"] < 1:
+        raise ValueError(f"num_experts must be an integer >= 1, got {v['num_experts']!r}")
+    top_k = 1 if v["num_experts"] == 1 else v["top_k"]
+    if not isinstance(top_k, int) or not 1 <= top_k <= v["num_experts"]:
+        raise ValueError(f"top_k must be between 1 and num_experts={v['num_experts']}, got {top_k!r}")
+    for name, allowed in (("router_type", ROUTER_TYPES), ("expert_choice_scope", EXPERT_CHOICE_SCOPES),
+                          ("moe_implementation", MOE_IMPLEMENTATIONS)):  # fmt: skip
+        if v[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {v[name]!r}")
+    if v["capacity_factor"] is not None and not v["capacity_factor"] > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {v['capacity_factor']!r}")
+    if not isinstance(v["moe_layer_frequency"], int) or v["moe_layer_frequency"] < 1:
+        raise ValueError(f"moe_layer_frequency must be an integer >= 1, got {v['moe_layer_frequency']!r}")
+    if v["expert_intermediate_size"] is not None and v["expert_intermediate_size"] < 1:
+        raise ValueError(f"expert_intermediate_size must be >= 1, got {v['expert_intermediate_size']!r}")
+    if v["router_jitter_noise"] < 0:
+        raise ValueError(f"router_jitter_noise must be >= 0, got {v['router_jitter_noise']!r}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        if v[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {v[name]!r}")
+    if v["moe_layers"] is not None and num_hidden_layers is not None:
+        bad = [i for i in v["moe_layers"] if not 0 <= i < num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"moe_layers indices must lie in [0, {num_hidden_layers - 1}] "
+                f"(num_hidden_layers={num_hidden_layers}), got {bad}"
+            )
 
 
 SIZE_FIELDS = tuple(PRESETS["small"])  # the ElectraConfig fields a preset sets; each flag overrides it
