@@ -35,7 +35,7 @@ from typing import Any
 
 from input_checks import EXIT_BAD_INPUT, finished_run_model, holds_files
 from outputs import write_atomically, write_json_atomically
-from provenance import git_output
+from provenance import provenance_record
 from study_config import CONVERTER, FINETUNER, TRAINER, ConfigError, glue_runs, load_study, to_flags
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -351,13 +351,14 @@ def copy_results(output_dir: Path, results_dir: Path, provenance: dict[str, Any]
 
 def study_provenance(config: Path) -> dict[str, Any]:
     """The config (path and contents), command line and commit (with a dirty-tree flag) of this run; the
-    commit is "unknown" (and the tree clean) where git cannot tell (provenance.py's `git_output`)."""
+    commit is "unknown" (and the tree clean) where git cannot tell (provenance.py's record)."""
+    record = provenance_record()
     return {
         "config": str(config),
         "study": json.loads(Path(config).read_text()),
         "command": " ".join(["python", *sys.argv]),
-        "commit": git_output("rev-parse", "HEAD") or "unknown",
-        "uncommitted_changes": bool(git_output("status", "--porcelain", "--untracked-files=no")),
+        "commit": record["git_commit"] or "unknown",
+        "uncommitted_changes": bool(record["git_dirty"]),
     }
 
 

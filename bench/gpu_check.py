@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from input_checks import EXIT_BAD_INPUT, finished_run_model  # noqa: E402  (stdlib only at import)
 from outputs import read_jsonl  # noqa: E402
+from provenance import git_output  # noqa: E402
 from run_study import resolve_data  # noqa: E402
 
 DEFAULT_BUDGET_S = 470
@@ -380,11 +381,7 @@ def fmt(value: Any) -> str:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
+    return git_output("rev-parse", "--short", "HEAD") or "unknown (no git)"
 
 
 def default_data() -> str:
