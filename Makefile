@@ -51,19 +51,21 @@ upcycle-select: install $(MINILM_WHEEL)
 upcycle-study: install $(MINILM_WHEEL)
 	$(HUB_ENV) $(PY) run_study.py --config study_configs/upcycle.json --results_dir results/upcycle --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
 
-# Drop-Upcycling vs naive upcycling vs dense (#26): MiniLM continued 150 RTD steps x 3 paired seeds, every arm
-# scored every 15 steps on one fixed RTD set (score_rtd.py); then the curves, paired differences and what the
-# experts learned. Estimated ~2.3 h on 2 idle cores (CPU time of a timed sample, see the config); not run yet.
-# Rerunning continues (--resume).
+# Drop-Upcycling vs naive upcycling vs dense (#26): MiniLM continued 100 RTD steps x 3 paired seeds, every arm
+# scored every 10 steps on one fixed RTD set (score_rtd.py); then the curves and paired differences (from the
+# committed results/drop_upcycle files) and what the experts learned (from the saved models). ~85 min on 2 idle
+# cores (measured sizing in the config). Rerunning continues (--resume).
 DROP_STUDY := outputs/drop_upcycle
+DROP_RESULTS := results/drop_upcycle
 drop-upcycle-study: install $(MINILM_WHEEL)
-	$(HUB_ENV) $(PY) run_study.py --config study_configs/drop_upcycle.json --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
-	$(PY) bench/fixed_eval_report.py --study_dir $(DROP_STUDY) --baseline dense
+	$(HUB_ENV) $(PY) run_study.py --config study_configs/drop_upcycle.json --results_dir $(DROP_RESULTS) --bert_path $(MINILM_WHEEL) --data $(DATA) --resume
+	$(PY) bench/fixed_eval_report.py --study_dir $(DROP_RESULTS) --baseline dense
 	$(PY) bench/expert_tokens.py --eval_set $(DROP_STUDY)/fixed_eval/rtd_eval.npz \
 		--models $(DROP_STUDY)/pretrain/copy-cont-s* $(DROP_STUDY)/pretrain/drop-cont-s* \
-		--output $(DROP_STUDY)/fixed_eval/expert_tokens.csv
+		--output $(DROP_RESULTS)/fixed_eval/expert_tokens.csv
 	$(PY) bench/expert_divergence.py --dense $(DROP_STUDY)/converted/minilm-dense \
-		--compare $(DROP_STUDY)/pretrain/*-cont-s*/discriminator
+		--compare $(DROP_STUDY)/pretrain/*-cont-s*/discriminator > $(DROP_RESULTS)/fixed_eval/expert_divergence.txt
+	cat $(DROP_RESULTS)/fixed_eval/expert_divergence.txt
 
 # The GPU kit (docs/gpu.md). The lent GPU machine is offline, runs Python 3.12 with torch, transformers 5.17,
 # tokenizers, huggingface_hub, pyarrow, xxhash and pandas, and has no datasets: carry the project's pins of
