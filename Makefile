@@ -62,7 +62,7 @@ drop-upcycle-study: install $(MINILM_WHEEL)
 	$(PY) bench/fixed_eval_report.py --study_dir $(DROP_RESULTS) --baseline dense
 	$(PY) bench/expert_tokens.py --eval_set $(DROP_STUDY)/fixed_eval/rtd_eval.npz \
 		--models $(DROP_STUDY)/pretrain/copy-cont-s* $(DROP_STUDY)/pretrain/drop-cont-s* \
-		--output $(DROP_RESULTS)/fixed_eval/expert_tokens.csv
+		--output $(DROP_RESULTS)/fixed_eval/expert_tokens.csv --figure_dir $(DROP_RESULTS)/fixed_eval
 	$(PY) bench/expert_divergence.py --dense $(DROP_STUDY)/converted/minilm-dense \
 		--compare $(DROP_STUDY)/pretrain/*-cont-s*/discriminator > $(DROP_RESULTS)/fixed_eval/expert_divergence.txt
 	cat $(DROP_RESULTS)/fixed_eval/expert_divergence.txt

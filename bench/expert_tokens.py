@@ -13,7 +13,8 @@ expert choice: the k experts it prefers, not those that took it). Per layer and 
   them), punctuation, number (all digits), [CLS], [SEP];
 - top_tokens: its most frequent tokens; distinctive_tokens: the tokens (seen at least MIN_COUNT times) with
   the largest share of their slots sent to this expert.
-The notebook draws a layer x expert heatmap of the lifts (parameter EXPERT_TOKENS_CSV).
+With --figure_dir, and in the notebook (parameter EXPERT_TOKENS_CSV), plot_expert_tokens draws per model a
+layer x expert heatmap of the token shares beside one of the lifts (log2).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from input_checks import EXIT_BAD_INPUT, InputError  # noqa: E402
-from outputs import render_table, write_text_atomically  # noqa: E402
+from outputs import render_table, write_atomically, write_text_atomically  # noqa: E402
 from score_rtd import check_vocabulary, discriminator_dir, load_eval_set  # noqa: E402
 
 KINDS = ("frequent", "rare", "punctuation", "number", "cls", "sep")
@@ -150,6 +151,52 @@ def model_statistics(model_path: Path, arrays: dict[str, np.ndarray], meta: dict
     return rows
 
 
+def plot_expert_tokens(table: pd.DataFrame, kind: str, save) -> None:
+    """Per model of `table` (this script's CSV), a figure of two layer x expert heatmaps: each expert's share
+    of the routed slots (1/E when balanced) and log2 of the lift of `kind` tokens (0: no preference; +1: twice
+    the text's share; blank: the kind does not occur in the text), handed to `save(fig, name)`."""
+    import matplotlib.pyplot as plt
+
+    for name, rows in table.groupby("model", sort=False):
+        share = rows.pivot(index="layer", columns="expert", values="token_share")
+        lift = rows.pivot(index="layer", columns="expert", values=f"lift_{kind}")
+        fig, axes = plt.subplots(
+            1, 2, figsize=(2 + 1.2 * share.shape[1], 1 + 0.9 * share.shape[0]), squeeze=False
+        )
+        panels = (
+            (share, "token share", "viridis", None),
+            (np.log2(lift.clip(1 / 8, 8)), f"log2 lift: {kind}", "coolwarm", 3),
+        )
+        for ax, (values, title, cmap, limit) in zip(axes[0], panels, strict=True):
+            image = ax.imshow(values.to_numpy(dtype=float), cmap=cmap, aspect="auto",
+                              vmin=-limit if limit else 0, vmax=limit)  # fmt: skip
+            ax.set_xticks(range(values.shape[1]), values.columns)
+            ax.set_yticks(range(values.shape[0]), values.index)
+            ax.set_xlabel("expert")
+            ax.set_ylabel("layer")
+            ax.set_title(title)
+            fig.colorbar(image, ax=ax)
+        fig.suptitle(f"{name}: what each expert sees")
+        save(fig, f"expert_tokens_{Path(str(name)).parent.name}_{Path(str(name)).name}")
+
+
+def save_figures(figure_dir: Path):
+    """A `save(fig, name)` for plot_expert_tokens that writes `figure_dir/<name>.png` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> None:
+        write_atomically(
+            figure_dir / f"{name}.png",
+            lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"),
+        )
+        plt.close(fig)
+
+    return save
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +206,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
         "--models", type=Path, nargs="+", required=True, help="saved MoE models or run folders"
     )
     parser.add_argument("--output", type=Path, required=True, help="the table as CSV")
+    parser.add_argument("--figure_dir", type=Path, help="also draw each model's heatmaps there (PNG)")
+    parser.add_argument("--figure_kind", default="punctuation", choices=KINDS, help="the lift drawn")
     return parser
 
 
@@ -180,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomically(args.output, table.to_csv(index=False))
     shown = ["model", "layer", "expert", "token_share", *[f"lift_{kind}" for kind in KINDS], "top_tokens"]
     print(render_table(table[shown], floatfmt=".2f"))
+    if args.figure_dir:
+        plot_expert_tokens(table, args.figure_kind, save_figures(args.figure_dir))
+        print(f"wrote the heatmaps to {args.figure_dir}")
     return 0
 
 

@@ -5,7 +5,8 @@
 Reads `<study_dir>/pretrain/<arm>-cont-s<seed>/metrics.jsonl` (the `fixed_*` metrics that
 `wikitext_trainer.py --fixed_eval_set` logs at every evaluation) and writes to `<study_dir>/fixed_eval/`:
 - curves.csv: arm, seed, step and each scalar fixed metric (mean router entropy and expert spread over the
-  MoE layers);
+  MoE layers, and the load imbalance: the busiest expert's share of the slots times the number of experts,
+  1 when balanced, E when one expert takes everything, averaged over the MoE layers);
 - paired_differences.csv: at every evaluated step, each arm minus the baseline arm over the seeds both ran
   (same seed: same data order and masks), the mean difference with its 95% confidence interval (Student t
   over seeds), the paired t-test p-value and the number of pairs (gather_glue_results.paired_difference);
@@ -35,6 +36,7 @@ from outputs import render_table, write_atomically, write_text_atomically  # noq
 RUN_NAME = re.compile(r"^(?P<arm>.+)-cont-s(?P<seed>\d+)$")
 METRICS = ("generator_auc", "generator_rtd_loss", "uniform_auc", "uniform_rtd_loss", "generator_f1")
 LAYER_MEANS = ("generator_router_entropy", "expert_spread")  # per MoE layer in the logs: averaged here
+LOAD = "generator_expert_load"  # per MoE layer and expert in the logs: the load imbalance here
 
 
 def read_curves(study_dir: Path) -> pd.DataFrame:
@@ -55,6 +57,9 @@ def read_curves(study_dir: Path) -> pd.DataFrame:
                 for name in LAYER_MEANS
                 if f"fixed_{name}" in record
             }
+            if f"fixed_{LOAD}" in record:
+                load = np.asarray(record[f"fixed_{LOAD}"], dtype=float)  # (MoE layers, experts)
+                row["load_imbalance"] = float(np.mean(load.max(axis=1) * load.shape[1]))
             rows.append(row)
     if not rows:
         raise FileNotFoundError(
@@ -69,7 +74,7 @@ def paired_differences(curves: pd.DataFrame, baseline: str) -> pd.DataFrame:
     if baseline not in set(curves["arm"]):
         raise ValueError(f"--baseline {baseline} is not one of the arms {sorted(set(curves['arm']))}")
     rows = []
-    metrics = [m for m in (*METRICS, *LAYER_MEANS) if m in curves]
+    metrics = [m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in curves]
     for (arm, step), runs in curves.groupby(["arm", "step"]):
         if arm == baseline:
             continue
@@ -87,7 +92,9 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in (*METRICS, *LAYER_MEANS) if m in curves and curves[m].notna().any()]
+    metrics = [
+        m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in curves and curves[m].notna().any()
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for index, (arm, runs) in enumerate(curves.groupby("arm")):

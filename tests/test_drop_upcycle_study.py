@@ -88,6 +88,7 @@ def write_run(root, name, aucs, spread=None):
             record |= {
                 "fixed_expert_spread": [spread, 3 * spread],
                 "fixed_generator_router_entropy": [2.0, 2.0],
+                "fixed_generator_expert_load": [[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.25, 0.0]],
             }
         lines.append(json.dumps(record))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -109,6 +110,8 @@ def test_report_pairs_arms_by_seed(tmp_path, capsys):
     curves = fixed_eval_report.pd.read_csv(tmp_path / "fixed_eval" / "curves.csv")
     assert set(curves["arm"]) == {"dense", "drop"} and len(curves) == 12
     assert curves[curves["arm"] == "drop"]["expert_spread"].eq(0.2).all()  # the mean over MoE layers
+    assert curves[curves["arm"] == "drop"]["load_imbalance"].eq(1.5).all()  # (1 + 2) / 2
+    assert curves[curves["arm"] == "dense"]["load_imbalance"].isna().all()
     assert (tmp_path / "fixed_eval" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     assert fixed_eval_report.main(["--study_dir", str(tmp_path), "--baseline", "nope"]) == 2
     assert "--baseline nope" in capsys.readouterr().err

@@ -5,9 +5,14 @@
     <!-- end gather -->
 
 is recomputed here from the committed files under results/ with gather_glue_results.py (the code users run)
-and must match to the last printed digit; a committed study comes with its provenance and is reported
-somewhere. Tables whose run files were not kept say so in the docs ("not recomputable"). run_study.py's
---results_dir (what `make demo`, `make mini-study`, ... pass) is what fills results/<study>/.
+and must match to the last printed digit; so is every table marked
+
+    <!-- fixed_eval_report results/<study> [flags] -->  ...  <!-- end fixed_eval_report -->
+
+with bench/fixed_eval_report.py (the paired differences on a fixed RTD evaluation set, from the committed
+pretraining metrics). A committed study comes with its provenance and is reported somewhere. Tables whose run
+files were not kept are in docs/history.md and say so ("not recomputable"). run_study.py's --results_dir
+(what `make demo`, `make drop-upcycle-study`, ... pass) is what fills results/<study>/.
 """
 
 import contextlib
@@ -23,12 +28,16 @@ import pytest
 
 import gather_glue_results
 import run_study
+from bench import fixed_eval_report
 from conftest import REPO_ROOT
 from glue_results_fixture import make_pretraining_run, make_results_tree
 
 RESULTS = REPO_ROOT / "results"
 REPORTS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"]
 MARKED = re.compile(r"<!-- gather (?P<args>[^>]*?) -->\n(?P<body>.*?)<!-- end gather -->", re.S)
+MARKED_FIXED_EVAL = re.compile(
+    r"<!-- fixed_eval_report (?P<args>[^>]*?) -->\n(?P<body>.*?)<!-- end fixed_eval_report -->", re.S
+)
 NOT_RECOMPUTABLE = "not recomputable"
 
 
@@ -48,11 +57,11 @@ def tables(text: str) -> list[str]:
     return [re.sub(r"[ \t]+", " ", block.strip()) for block in blocks if block.strip()]
 
 
-def marked_tables() -> list[tuple[str, list[str], str]]:
-    """(document, gather arguments, body) of every marked table in the reports."""
+def marked_tables(marker: re.Pattern = MARKED) -> list[tuple[str, list[str], str]]:
+    """(document, arguments, body) of every table in the reports marked with `marker`."""
     found = []
     for report in REPORTS:
-        for match in MARKED.finditer(report.read_text()):
+        for match in marker.finditer(report.read_text()):
             found.append((report.name, shlex.split(match["args"]), match["body"]))
     return found
 
@@ -76,6 +85,28 @@ def test_every_marked_table_is_what_gather_prints_from_the_committed_files(tmp_p
             assert table in printed, f"{name}: this table is not what gather prints from {args}:\n{table}"
 
 
+def test_every_marked_fixed_eval_table_is_what_the_report_prints_from_the_committed_metrics(tmp_path, capsys):
+    """The report reads results/<study>/pretrain/*/metrics.jsonl (copied: it writes beside them) and must print
+    the marked table and write the committed curves.csv and paired_differences.csv, digit for digit."""
+    marked = marked_tables(MARKED_FIXED_EVAL)
+    assert marked, "no fixed-evaluation table in the reports (the Drop-Upcycling study's)"
+    for number, (name, args, body) in enumerate(marked):
+        committed = REPO_ROOT / args[0]
+        assert args[0].startswith("results/") and committed.is_dir(), f"{name}: {args[0]} is not committed"
+        copy = tmp_path / str(number)
+        shutil.copytree(committed / "pretrain", copy / "pretrain")
+        capsys.readouterr()
+        assert fixed_eval_report.main(["--study_dir", str(copy), *args[1:]]) == 0
+        printed = re.sub(r"[ \t]+", " ", capsys.readouterr().out)
+        assert re.sub(r"[ \t]+", " ", body.strip()) in printed, (
+            f"{name}: not what the report prints from {args}"
+        )
+        for csv in ("curves.csv", "paired_differences.csv"):
+            assert (copy / "fixed_eval" / csv).read_text() == (committed / "fixed_eval" / csv).read_text(), (
+                csv
+            )
+
+
 @pytest.mark.parametrize("study", committed_studies(), ids=lambda path: path.name)
 def test_a_committed_study_has_provenance_csvs_gather_reproduces_and_a_report(study, tmp_path):
     provenance = json.loads((study / "study.json").read_text())
@@ -94,8 +125,10 @@ def test_a_committed_study_has_provenance_csvs_gather_reproduces_and_a_report(st
         records = (study / "pretrain" / name / "metrics.jsonl").read_text().splitlines()
         assert json.loads(records[-1])["step"] > 0
         assert (study / "pretrain" / name / "training_args.json").is_file()
-    reported = {args[0] for _, args, _ in marked_tables()}
-    assert any(path.startswith(f"results/{study.name}/") for path in reported), f"{study} is in no report"
+    reported = {args[0] for _, args, _ in [*marked_tables(), *marked_tables(MARKED_FIXED_EVAL)]}
+    assert any(Path(path).parts[:2] == ("results", study.name) for path in reported), (
+        f"{study} is in no report"
+    )
 
 
 def test_copy_results_keeps_the_small_files_and_gather_reads_them_alike(tmp_path, monkeypatch):
@@ -138,7 +171,7 @@ def test_copy_results_keeps_the_small_files_and_gather_reads_them_alike(tmp_path
 
 def test_unkept_tables_say_so():
     """Tables whose run files were not kept are labelled, with the command that reproduces them."""
-    text = (REPO_ROOT / "docs" / "results.md").read_text()
+    text = (REPO_ROOT / "docs" / "history.md").read_text()
     assert text.lower().count(NOT_RECOMPUTABLE) >= 8
     for line in text.splitlines():
         if NOT_RECOMPUTABLE in line.lower() and "run files" in line:

@@ -204,12 +204,9 @@ def test_expert_tokens_on_a_drop_upcycled_model(eval_set, runs, tmp_path, capsys
     model.save_pretrained(tmp_path / "moe")
     AutoTokenizer.from_pretrained(runs / "long" / "discriminator").save_pretrained(tmp_path / "moe")
     out = tmp_path / "tokens.csv"
-    assert (
-        expert_tokens.main(
-            ["--eval_set", str(eval_set), "--models", str(tmp_path / "moe"), "--output", str(out)]
-        )
-        == 0
-    )
+    argv = ["--eval_set", str(eval_set), "--models", str(tmp_path / "moe"), "--output", str(out)]
+    assert expert_tokens.main([*argv, "--figure_dir", str(tmp_path / "figures")]) == 0
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == [f"expert_tokens_{tmp_path.name}_moe.png"]
     table = pd.read_csv(out)
     assert sorted(table["layer"].unique()) == [0, 1] and len(table) == 2 * 4
     # The token shares are the expert load the model reports on the same text.
