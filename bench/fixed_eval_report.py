@@ -12,7 +12,7 @@ Reads `<study_dir>/pretrain/<arm>-cont-s<seed>/metrics.jsonl` (the `fixed_*` met
   over seeds), the paired t-test p-value and the number of pairs (gather_glue_results.paired_difference);
 - learning_curves.png: the mean over seeds of each metric against the step, one line per arm, with the
   per-seed curves faint.
-The last step's differences are printed as a table.
+The last step's differences are printed as a table (--metrics: only those rows).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--study_dir", type=Path, required=True, help="a run_study.py output folder")
     parser.add_argument("--baseline", default="dense", help="the arm every other arm is compared with")
+    parser.add_argument("--metrics", nargs="+", help="print only these metrics' rows (default: all)")
     return parser
 
 
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curves = read_curves(args.study_dir)
         differences = paired_differences(curves, args.baseline)
+        unknown = sorted(set(args.metrics or ()) - set(differences["metric"]))
+        if unknown:
+            raise ValueError(f"--metrics {unknown}: not among {sorted(set(differences['metric']))}")
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomically(out / "paired_differences.csv", differences.to_csv(index=False))
     plot_curves(curves, out / "learning_curves.png")
     last = differences[differences["step"] == differences["step"].max()]
+    if args.metrics:
+        last = last[last["metric"].isin(args.metrics)]
     print(render_table(last.drop(columns=["baseline"]), floatfmt=".4f"))
     print(f"wrote {out}/curves.csv, paired_differences.csv and learning_curves.png")
     return 0

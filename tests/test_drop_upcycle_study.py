@@ -113,5 +113,11 @@ def test_report_pairs_arms_by_seed(tmp_path, capsys):
     assert curves[curves["arm"] == "drop"]["load_imbalance"].eq(1.5).all()  # (1 + 2) / 2
     assert curves[curves["arm"] == "dense"]["load_imbalance"].isna().all()
     assert (tmp_path / "fixed_eval" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    assert fixed_eval_report.main(["--study_dir", str(tmp_path), "--metrics", "generator_auc"]) == 0
+    printed = capsys.readouterr().out
+    assert "generator_auc" in printed and "uniform_auc" not in printed
     assert fixed_eval_report.main(["--study_dir", str(tmp_path), "--baseline", "nope"]) == 2
     assert "--baseline nope" in capsys.readouterr().err
+    assert fixed_eval_report.main(["--study_dir", str(tmp_path), "--metrics", "auc"]) == 2
+    assert "--metrics ['auc']" in capsys.readouterr().err
