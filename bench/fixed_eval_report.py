@@ -12,7 +12,8 @@ Reads `<study_dir>/pretrain/<arm>-cont-s<seed>/metrics.jsonl` (the `fixed_*` met
   over seeds), the paired t-test p-value and the number of pairs (gather_glue_results.paired_difference);
 - learning_curves.png: the mean over seeds of each metric against the step, one line per arm, with the
   per-seed curves faint.
-The last step's differences are printed as a table (--metrics: only those rows).
+Printed: each arm's mean over seeds at the last step with its 95% CI, then the last step's differences
+(--metrics: only those metrics' rows).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from gather_glue_results import paired_difference  # noqa: E402
+from gather_glue_results import interval, paired_difference  # noqa: E402
 from input_checks import EXIT_BAD_INPUT  # noqa: E402
 from outputs import render_table, write_atomically, write_text_atomically  # noqa: E402
 
@@ -86,6 +87,20 @@ def paired_differences(curves: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def last_step_means(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each arm's metrics at the last evaluated step: mean over seeds, 95% CI and the number of seeds."""
+    last = curves[curves["step"] == curves["step"].max()]
+    rows = []
+    for arm, runs in last.groupby("arm"):
+        for metric in [m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in runs]:
+            values = runs[metric].dropna()
+            if len(values):
+                summary = interval(values)
+                rows.append({"arm": arm, "step": runs["step"].iloc[0], "metric": metric, "mean": summary["mean"],
+                             "ci95_low": summary["ci95_low"], "ci95_high": summary["ci95_high"], "n": summary["n"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -95,8 +110,12 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     metrics = [
         m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in curves and curves[m].notna().any()
     ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    columns = min(4, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         for index, (arm, runs) in enumerate(curves.groupby("arm")):
             color = f"C{index}"
             for _, seed_runs in runs.groupby("seed"):
@@ -105,7 +124,7 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
             ax.plot(mean.index, mean.to_numpy(), color=color, label=arm, linewidth=2)
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("step")
-    axes[0][0].legend()
+    axes.flat[0].legend()
     fig.suptitle("fixed evaluation set: mean over seeds (faint: each seed)")
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -131,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curves = read_curves(args.study_dir)
         differences = paired_differences(curves, args.baseline)
-        unknown = sorted(set(args.metrics or ()) - set(differences["metric"]))
+        means = last_step_means(curves)
+        unknown = sorted(set(args.metrics or ()) - set(means["metric"]))
         if unknown:
-            raise ValueError(f"--metrics {unknown}: not among {sorted(set(differences['metric']))}")
+            raise ValueError(f"--metrics {unknown}: not among {sorted(set(means['metric']))}")
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -143,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(curves, out / "learning_curves.png")
     last = differences[differences["step"] == differences["step"].max()]
     if args.metrics:
-        last = last[last["metric"].isin(args.metrics)]
+        means, last = (table[table["metric"].isin(args.metrics)] for table in (means, last))
+    print(render_table(means, floatfmt=".4f"))
+    print()
     print(render_table(last.drop(columns=["baseline"]), floatfmt=".4f"))
     print(f"wrote {out}/curves.csv, paired_differences.csv and learning_curves.png")
     return 0
