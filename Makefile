@@ -10,8 +10,11 @@ HUB_ENV := $(if $(filter hub,$(DATA)),,$(OFFLINE))
 .PHONY: install test lint demo mini-study transfer upcycle-select upcycle-study drop-upcycle-study gpu-wheels gpu-data gpu-kit gpu-dry-run clean
 
 # --no-compile: pip would byte-compile every installed module (torch's and transformers' thousands); the
-# first import compiles only what is used, here once, before the test workers start. Measured on the 2-core
-# machine, nothing else running: install 57.6 s -> 24.9 s, first import of the stack 4.6 s -> 10.6 s.
+# first import compiles only what is used and caches it. Measured on the 2-core machine, nothing else
+# running: install 57.6 s -> 24.9 s, first import of the stack 4.6 s -> 10.6 s. The cache must be writable:
+# with PYTHONDONTWRITEBYTECODE set (as on this project's machines) every process would compile again (the
+# test suite took twice as long), so make's commands run without it.
+unexport PYTHONDONTWRITEBYTECODE
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --no-compile --upgrade pip
