@@ -19,7 +19,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --no-compile --upgrade pip
 	$(VENV)/bin/pip install -q --no-compile -r requirements-dev.txt
-	$(PY) -c "import wikitext_trainer, run_glue, run_study, gather_glue_results, pytest, xdist"
+	$(PY) -c "import wikitext_trainer, run_glue, run_study, gather_glue_results, convert_bert_checkpoint, score_rtd, \
+		bench.gpu_check, matplotlib.pyplot, nbclient, ipykernel.kernelapp, sklearn.metrics, torch.distributed.run, pytest, xdist"
 	touch $@
 
 install: $(VENV)/.installed
