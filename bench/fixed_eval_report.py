@@ -38,6 +38,7 @@ RUN_NAME = re.compile(r"^(?P<arm>.+)-cont-s(?P<seed>\d+)$")
 METRICS = ("generator_auc", "generator_rtd_loss", "uniform_auc", "uniform_rtd_loss", "generator_f1")
 LAYER_MEANS = ("generator_router_entropy", "expert_spread")  # per MoE layer in the logs: averaged here
 LOAD = "generator_expert_load"  # per MoE layer and expert in the logs: the load imbalance here
+REPORTED = (*METRICS, *LAYER_MEANS, "load_imbalance")  # every metric of curves.csv, in report order
 
 
 def read_curves(study_dir: Path) -> pd.DataFrame:
@@ -75,7 +76,7 @@ def paired_differences(curves: pd.DataFrame, baseline: str) -> pd.DataFrame:
     if baseline not in set(curves["arm"]):
         raise ValueError(f"--baseline {baseline} is not one of the arms {sorted(set(curves['arm']))}")
     rows = []
-    metrics = [m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in curves]
+    metrics = [m for m in REPORTED if m in curves]
     for (arm, step), runs in curves.groupby(["arm", "step"]):
         if arm == baseline:
             continue
@@ -92,7 +93,7 @@ def last_step_means(curves: pd.DataFrame) -> pd.DataFrame:
     last = curves[curves["step"] == curves["step"].max()]
     rows = []
     for arm, runs in last.groupby("arm"):
-        for metric in [m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in runs]:
+        for metric in [m for m in REPORTED if m in runs]:
             values = runs[metric].dropna()
             if len(values):
                 summary = interval(values)
@@ -107,9 +108,7 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [
-        m for m in (*METRICS, *LAYER_MEANS, "load_imbalance") if m in curves and curves[m].notna().any()
-    ]
+    metrics = [m for m in REPORTED if m in curves and curves[m].notna().any()]
     columns = min(4, len(metrics))
     rows = -(-len(metrics) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)

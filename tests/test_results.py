@@ -51,10 +51,15 @@ def run_gather(args: list[str], tmp_path: Path) -> str:
     return printed.getvalue()
 
 
+def squeezed(text: str) -> str:
+    """`text` with each run of spaces and tabs made one space (column widths vary with the widest cell)."""
+    return re.sub(r"[ \t]+", " ", text.strip())
+
+
 def tables(text: str) -> list[str]:
     """Split gather's output (or a doc's copy of it) into its titled tables, whitespace-normalised."""
     blocks = re.split(r"\n\s*(?=\*\*)", text.strip())
-    return [re.sub(r"[ \t]+", " ", block.strip()) for block in blocks if block.strip()]
+    return [squeezed(block) for block in blocks if block.strip()]
 
 
 def marked_tables(marker: re.Pattern = MARKED) -> list[tuple[str, list[str], str]]:
@@ -97,10 +102,8 @@ def test_every_marked_fixed_eval_table_is_what_the_report_prints_from_the_commit
         shutil.copytree(committed / "pretrain", copy / "pretrain")
         capsys.readouterr()
         assert fixed_eval_report.main(["--study_dir", str(copy), *args[1:]]) == 0
-        printed = re.sub(r"[ \t]+", " ", capsys.readouterr().out)
-        assert re.sub(r"[ \t]+", " ", body.strip()) in printed, (
-            f"{name}: not what the report prints from {args}"
-        )
+        printed = squeezed(capsys.readouterr().out)
+        assert squeezed(body) in printed, f"{name}: not what the report prints from {args}"
         for csv in ("curves.csv", "paired_differences.csv"):
             assert (copy / "fixed_eval" / csv).read_text() == (committed / "fixed_eval" / csv).read_text(), (
                 csv
